@@ -1,0 +1,103 @@
+"""Ingest throughput: `dpledger ingest steps` vs DuckDB's bare Parquet load.
+
+Generates N (default 10 million) point_steps rows as Parquet, then loads them
+(a) with a bare ``INSERT INTO point_steps SELECT ... FROM read_parquet(...)`` into a
+fresh warehouse (the baseline: no checks at all), and (b) through
+``ingest.ingest_steps`` (row checks, duplicate-key checks, one transaction, ingest
+ledger). Prints rows/second of each and the ratio (goal: >= 0.8).
+
+    python bench/ingest.py [--rows 10000000] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file is named like the `ingest` package; keep its folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq  # noqa: E402
+
+import warehouse  # noqa: E402
+from ingest import ingest_steps  # noqa: E402
+
+
+def make_parquet(path: Path, rows: int, points: int = 10_000, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    steps = -(-rows // points)
+    writer = None
+    written = 0
+    for s0 in range(0, steps, 100):
+        s1 = min(steps, s0 + 100)
+        n = min((s1 - s0) * points, rows - written)
+        if n <= 0:
+            break
+        step = np.repeat(np.arange(s0, s1, dtype=np.int64), points)[:n]
+        point = np.tile(np.arange(points, dtype=np.int64), s1 - s0)[:n]
+        table = pa.table({
+            "step": step,
+            "point_id": point,
+            "grad_norm": rng.gamma(2.0, 0.5, n),
+            "loss": rng.random(n),
+            "sampled": rng.random(n) < 0.01,
+        })
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+        written += n
+    writer.close()
+
+
+def bare_load(db: Path, parquet: Path) -> float:
+    warehouse.init(db)
+    con = warehouse.connect(db)
+    t0 = time.perf_counter()
+    con.execute(
+        "INSERT INTO point_steps (run_id, step, point_id, grad_norm, norm_clipped, loss, sampled) "
+        f"SELECT 'bench', step, point_id, grad_norm, false, loss, sampled FROM read_parquet('{parquet}')"
+    )
+    dt = time.perf_counter() - t0
+    con.close()
+    return dt
+
+
+def dpledger_load(db: Path, parquet: Path) -> float:
+    warehouse.init(db)
+    con = warehouse.connect(db)
+    t0 = time.perf_counter()
+    ingest_steps(con, parquet, "bench", sample_rate=0.004, noise_multiplier=1.0, max_grad_norm=1.0)
+    dt = time.perf_counter() - t0
+    con.close()
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--repeat", type=int, default=2, help="best of N for each loader")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        parquet = tmp / "rows.parquet"
+        t0 = time.perf_counter()
+        make_parquet(parquet, args.rows)
+        print(f"generated {args.rows:,} rows ({parquet.stat().st_size / 1e6:.0f} MB Parquet) "
+              f"in {time.perf_counter() - t0:.1f} s")
+        bare, ours = [], []
+        for i in range(args.repeat):
+            bare.append(bare_load(tmp / f"bare{i}.duckdb", parquet))
+            ours.append(dpledger_load(tmp / f"ours{i}.duckdb", parquet))
+        b, o = min(bare), min(ours)
+        print(f"bare INSERT ... SELECT FROM read_parquet : {b:6.2f} s  {args.rows / b:12,.0f} rows/s")
+        print(f"dpledger ingest steps                    : {o:6.2f} s  {args.rows / o:12,.0f} rows/s")
+        print(f"ratio (dpledger / bare throughput)       : {b / o:.2f}  (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Reading user files into Arrow tables, and checking their columns.
+
+Every check names the file, the row (1-based data row; for CSV also the line, the
+header being line 1) and the column, so a user can find the value in an editor.
+The fast path is Arrow's typed readers; only when a check fails do we look closer
+at the offending values to say which row is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from warehouse.errors import UserError
+
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file being read; formats locations for error messages."""
+
+    path: Path
+    format: str  # "csv" or "parquet"
+
+    def at(self, row_index: int | None = None, column: str | None = None) -> str:
+        where = []
+        if row_index is not None:
+            line = f" (line {row_index + 2})" if self.format == "csv" else ""
+            where.append(f"row {row_index + 1}{line}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        return str(self.path) + (": " + ", ".join(where) if where else "")
+
+    def error(self, message: str, row_index: int | None = None, column: str | None = None) -> UserError:
+        return UserError(f"{self.at(row_index, column)}: {message}")
+
+
+def file_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(CSV_SUFFIXES):
+        return "csv"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":
+            return "parquet"
+    raise UserError(f"{path}: not a CSV or Parquet file (expected a .csv or .parquet name)")
+
+
+def read_table(path: str | Path, formats: tuple[str, ...] = ("csv", "parquet")) -> tuple[pa.Table, Source]:
+    """Read a CSV or Parquet file whole into an Arrow table."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file")
+    fmt = file_format(path)
+    src = Source(path, fmt)
+    if fmt not in formats:
+        raise src.error(f"expected a {' or '.join(f.upper() for f in formats)} file")
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(path)
+        else:
+            table = pacsv.read_csv(
+                path,
+                parse_options=pacsv.ParseOptions(newlines_in_values=False),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null"]),
+            )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as exc:
+        what = "Parquet" if fmt == "parquet" else "CSV"
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise src.error(f"not a readable {what} file ({detail})") from None
+    if fmt == "csv":
+        _check_csv_header(table, src)
+    return table, src
+
+
+def _check_csv_header(table: pa.Table, src: Source) -> None:
+    names = table.column_names
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise src.error(f"column '{dup}' appears twice in the header")
+    for name in names:
+        if "\x00" in name:
+            raise src.error("not a CSV file (binary data in the header)")
+
+
+def require_columns(table: pa.Table, src: Source, required: list[str]) -> None:
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        have = ", ".join(table.column_names[:12]) + (" ..." if table.num_columns > 12 else "")
+        raise src.error(
+            f"missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}"
+            f" (the file has: {have})"
+        )
+
+
+def _first(mask: pa.Array | pa.ChunkedArray) -> int | None:
+    """Index of the first true value of a boolean array, or None."""
+    mask = pc.fill_null(mask, False)
+    if not pc.any(mask).as_py():
+        return None
+    return pc.index(mask, True).as_py()
+
+
+def _to_float(col: pa.ChunkedArray, src: Source, name: str) -> pa.ChunkedArray:
+    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_decimal(col.type):
+        return col.cast(pa.float64())
+    if pa.types.is_boolean(col.type):
+        return col.cast(pa.int8()).cast(pa.float64())
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        values = col.to_numpy(zero_copy_only=False)
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            try:
+                float(v)
+            except ValueError:
+                raise src.error(f"'{v}' is not a number", i, name) from None
+        return pc.cast(col, pa.float64())
+    if pa.types.is_null(col.type):
+        return col.cast(pa.float64())
+    raise src.error(f"expected numbers, found {col.type}", None, name)
+
+
+def float_column(
+    table: pa.Table,
+    name: str,
+    src: Source,
+    *,
+    nonnegative: bool = False,
+    allow_null: bool = False,
+    allow_nan: bool = False,
+    what: str = "value",
+) -> pa.ChunkedArray:
+    """A numeric column as float64, checked: finite, present, optionally >= 0."""
+    col = _to_float(table.column(name), src, name)
+    if not allow_null:
+        bad = _first(col.is_null())
+        if bad is not None:
+            raise src.error(f"missing {what}", bad, name)
+    bad = _first(pc.is_nan(col))
+    if bad is not None and not allow_nan:
+        raise src.error(f"{what} is NaN", bad, name)
+    bad = _first(pc.is_inf(col))
+    if bad is not None:
+        raise src.error(f"{what} is infinite ({col[bad].as_py()})", bad, name)
+    if nonnegative:
+        bad = _first(pc.less(col, 0))
+        if bad is not None:
+            raise src.error(f"{what} is negative ({col[bad].as_py()})", bad, name)
+    return col
+
+
+def int_column(
+    table: pa.Table, name: str, src: Source, *, minimum: int | None = None, what: str = "value"
+) -> pa.ChunkedArray:
+    """An integer column as int64; integral floats (200.0) are accepted."""
+    raw = table.column(name)
+    if pa.types.is_integer(raw.type):
+        col = raw.cast(pa.int64())
+        bad = _first(col.is_null())
+        if bad is not None:
+            raise src.error(f"missing {what}", bad, name)
+    else:
+        as_float = float_column(table, name, src, what=what)
+        frac = pc.not_equal(pc.floor(as_float), as_float)
+        bad = _first(frac)
+        if bad is not None:
+            raise src.error(f"{what} {as_float[bad].as_py()} is not an integer", bad, name)
+        col = as_float.cast(pa.int64())
+    if minimum is not None:
+        bad = _first(pc.less(col, minimum))
+        if bad is not None:
+            raise src.error(f"{what} {col[bad].as_py()} is below {minimum}", bad, name)
+    return col
+
+
+_TRUE = {"true", "t", "1", "yes", "y", "1.0"}
+_FALSE = {"false", "f", "0", "no", "n", "0.0"}
+
+
+def bool_column(table: pa.Table, name: str, src: Source, *, allow_null: bool = True) -> pa.ChunkedArray:
+    """A boolean column: true/false, or 0/1."""
+    raw = table.column(name)
+    if pa.types.is_boolean(raw.type):
+        col = raw
+    elif pa.types.is_integer(raw.type) or pa.types.is_floating(raw.type):
+        values = raw.cast(pa.float64())
+        bad = _first(pc.and_(pc.not_equal(values, 0.0), pc.not_equal(values, 1.0)))
+        if bad is not None:
+            raise src.error(f"{values[bad].as_py()} is not a boolean (expected 0/1 or true/false)", bad, name)
+        col = pc.equal(values, 1.0)
+    elif pa.types.is_string(raw.type) or pa.types.is_large_string(raw.type):
+        lowered = pc.utf8_lower(pc.utf8_trim_whitespace(raw))
+        is_true = pc.is_in(lowered, value_set=pa.array(sorted(_TRUE)))
+        is_false = pc.is_in(lowered, value_set=pa.array(sorted(_FALSE)))
+        bad = _first(pc.and_(pc.invert(pc.or_(is_true, is_false)), pc.is_valid(raw)))
+        if bad is not None:
+            raise src.error(f"'{raw[bad].as_py()}' is not a boolean (expected 0/1 or true/false)", bad, name)
+        col = pc.if_else(pc.is_valid(raw), is_true, pa.scalar(None, pa.bool_()))
+    elif pa.types.is_null(raw.type):
+        col = raw.cast(pa.bool_())
+    else:
+        raise src.error(f"expected booleans, found {raw.type}", None, name)
+    if not allow_null:
+        bad = _first(col.is_null())
+        if bad is not None:
+            raise src.error("missing value", bad, name)
+    return col
+
+
+def string_column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    col = table.column(name)
+    return col if pa.types.is_string(col.type) else col.cast(pa.string())
+

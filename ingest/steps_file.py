@@ -1,0 +1,179 @@
+"""Generic import of per-point, per-step gradient norms written by any tool.
+
+The file (CSV or Parquet) has one row per (step, point): columns ``step``,
+``point_id``, ``grad_norm`` and optionally ``loss`` and ``sampled``. The run's DP-SGD
+parameters come from the command line; the run is created if new, and a file for an
+existing run must agree with its stored parameters.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from warehouse.errors import UserError
+from warehouse.sqlutil import first, scalar
+
+from . import load
+from .readers import bool_column, file_sha256, float_column, int_column, read_table, require_columns
+
+KIND = "steps"
+REQUIRED = ["step", "point_id", "grad_norm"]
+OPTIONAL = ["loss", "sampled"]
+DEFAULT_DELTA = 1e-5
+
+
+def check_run_parameters(
+    sample_rate: float | None = None,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float | None = None,
+    delta: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+) -> None:
+    """Refuse impossible DP-SGD parameters with the flag's name."""
+    if sample_rate is not None and not (0 < sample_rate <= 1):
+        raise UserError(f"--sample-rate {sample_rate} is outside (0, 1]")
+    if noise_multiplier is not None and not noise_multiplier > 0:
+        raise UserError(f"--noise-multiplier {noise_multiplier} must be positive")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise UserError(f"--max-grad-norm {max_grad_norm} must be positive")
+    if delta is not None and not (0 < delta < 1):
+        raise UserError(f"--delta {delta} is outside (0, 1)")
+    if steps is not None and steps <= 0:
+        raise UserError(f"--steps {steps} must be positive")
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size} must be positive")
+
+
+def parse(path: str | Path, run: str, norms_clipped: bool = False) -> tuple[pa.Table, "object"]:
+    table, src = read_table(path)
+    require_columns(table, src, REQUIRED)
+    unknown = [c for c in table.column_names if c not in REQUIRED + OPTIONAL]
+    if unknown:
+        raise src.error(
+            f"unexpected column '{unknown[0]}' (the columns are {', '.join(REQUIRED + OPTIONAL)})",
+            None,
+        )
+    if table.num_rows == 0:
+        raise src.error("the file has no rows")
+    n = table.num_rows
+    cols = {
+        # one dictionary entry, not n strings: the run is the same on every row
+        "run_id": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([run])),
+        "step": int_column(table, "step", src, minimum=0, what="step"),
+        "point_id": int_column(table, "point_id", src, minimum=0, what="point id"),
+        "grad_norm": float_column(table, "grad_norm", src, nonnegative=True, what="gradient norm"),
+        "norm_clipped": pa.array(np.full(n, norms_clipped, dtype=bool)),
+    }
+    if "loss" in table.column_names:
+        cols["loss"] = float_column(table, "loss", src, allow_null=True, what="loss")
+    if "sampled" in table.column_names:
+        cols["sampled"] = bool_column(table, "sampled", src)
+    return pa.table(cols), src
+
+
+def ingest_steps(
+    con,
+    path: str | Path,
+    run: str,
+    *,
+    sample_rate: float | None = None,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float | None = None,
+    delta: float | None = None,
+    dataset: str | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    norms_clipped: bool = False,
+) -> dict:
+    """Ingest one per-point, per-step file into run ``run`` (one transaction)."""
+    if not run:
+        raise UserError("--run must name the run")
+    check_run_parameters(sample_rate, noise_multiplier, max_grad_norm, delta, steps, batch_size)
+    # hash the file on a thread while Arrow parses it (both release the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sha_future = pool.submit(file_sha256, Path(path)) if Path(path).is_file() else None
+        rows, src = parse(path, run, norms_clipped)
+        sha = sha_future.result()
+    if norms_clipped and max_grad_norm is not None:
+        over = np.flatnonzero(rows.column("grad_norm").to_numpy() > max_grad_norm * (1 + 1e-4))
+        if over.size:
+            raise src.error(
+                f"norm {rows.column('grad_norm')[int(over[0])].as_py()} exceeds --max-grad-norm "
+                f"{max_grad_norm} but the norms were said to be clipped",
+                int(over[0]),
+                "grad_norm",
+            )
+    if steps is not None:
+        step_col = rows.column("step").to_numpy()
+        beyond = np.flatnonzero(step_col >= steps)
+        if beyond.size:
+            raise src.error(
+                f"step {int(step_col[beyond[0]])} is beyond --steps {steps} (steps are 0 .. {steps - 1})",
+                int(beyond[0]),
+                "step",
+            )
+    with load.transaction(con):
+        seen = load.find_ingest(con, sha, KIND, run)
+        if seen is not None:
+            return {
+                "path": str(src.path),
+                "status": "skipped",
+                "reason": f"already ingested on {seen['ingested_at']} from {seen['path']}",
+                "rows": 0,
+                "runs": seen["run_ids"],
+            }
+        stored = load.get_run(con, run)
+        if stored is None:
+            missing = [
+                flag
+                for flag, v in (
+                    ("--sample-rate", sample_rate),
+                    ("--noise-multiplier", noise_multiplier),
+                    ("--max-grad-norm", max_grad_norm),
+                )
+                if v is None
+            ]
+            if missing:
+                raise UserError(f"run '{run}' does not exist; give {', '.join(missing)} to create it")
+        n_train = int(round(batch_size / sample_rate)) if batch_size and sample_rate else None
+        load.ensure_run(
+            con,
+            {
+                "run_id": run,
+                "dataset": dataset,
+                "sample_rate": sample_rate,
+                "noise_multiplier": noise_multiplier,
+                "max_grad_norm": max_grad_norm,
+                "batch_size": batch_size,
+                "n_train": n_train,
+                "delta": delta if delta is not None else (DEFAULT_DELTA if stored is None else None),
+                "steps": steps,
+                "private": True,
+                "source": KIND,
+                "status": "finished",
+                "config": {"steps_from": "--steps" if steps else "last recorded step + 1"},
+            },
+            str(src.path),
+        )
+        if dataset is not None:
+            ids = pa.compute.unique(rows.column("point_id"))
+            load.insert_points(
+                con,
+                pa.table(
+                    {
+                        "dataset": pa.array([dataset] * len(ids), pa.string()),
+                        "point_id": ids,
+                        "split": pa.array(["train"] * len(ids), pa.string()),
+                    }
+                ),
+            )
+        n = load.insert_facts(con, "point_steps", rows, src)
+        last = first(con.execute("SELECT max(step) FROM point_steps WHERE run_id = ?", [run]))[0]
+        load.extend_run_steps(con, run, last)
+        load.record_ingest(con, sha, KIND, run, str(src.path), n, [run])
+    return {"path": str(src.path), "status": "ingested", "rows": n, "runs": [run]}

@@ -1,0 +1,1 @@
+"""Datasets (offline) and model architectures for the training workers."""

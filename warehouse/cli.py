@@ -1,0 +1,242 @@
+"""The ``dpledger`` command line: a thin face over library calls.
+
+Every command parses its flags, calls one library function and prints. Errors the
+user can fix (bad files, flags, unknown runs) print one line on stderr and exit 2;
+``--json`` output is pure JSON on stdout, with logs and progress on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="dpledger",
+    help="A per-example privacy ledger for DP-SGD: ingest per-point gradient norms, account, rank, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+ingest_app = typer.Typer(help="Load files into the warehouse (idempotent: a file already loaded is skipped).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+DbOption = Annotated[
+    Optional[Path],
+    typer.Option("--db", help="Database file [default: $DPLEDGER_DB or ./dpledger.duckdb]", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+
+
+def _format(fmt: str, json_flag: bool = False) -> str:
+    from .output import FORMATS
+
+    if json_flag:
+        return "json"
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+@app.command()
+def init(db: DbOption = None, json: JsonOption = False) -> None:
+    """Create the database, or upgrade it to the current schema (idempotent)."""
+    from . import db as dbmod
+    from .output import to_json
+
+    summary = dbmod.init(db)
+    if json:
+        print(to_json(summary))
+        return
+    what = "created" if summary["created"] else "opened"
+    actions = "; ".join(summary["actions"]) or "already current"
+    print(f"{what} {summary['db']}: schema version {summary['schema_version']} ({actions})")
+
+
+def _print_ingest_results(results: list[dict], json: bool) -> None:
+    from .output import to_json
+
+    if json:
+        print(to_json(results))
+        return
+    for r in results:
+        if r["status"] == "skipped":
+            print(f"{r['path']}: skipped, {r['reason']}")
+        else:
+            print(f"{r['path']}: {r['rows']} point-step rows into run{'s' if len(r['runs']) > 1 else ''} "
+                  f"{', '.join(r['runs'])}")
+
+
+@ingest_app.command("gla-csv")
+def ingest_gla_csv(
+    files: Annotated[list[Path], typer.Argument(help="GLA-format per-point CSV files.", show_default=False)],
+    run: Annotated[Optional[str], typer.Option(help="Run name for the rows (default: res_name column, else file name).")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta of the run(s) [default: 1e-5].")] = None,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Ingest per-point CSV files in the GLA format (one run per res_name)."""
+    from ingest import ingest_gla_csv as do_ingest
+
+    from .db import connect
+
+    con = connect(db)
+    try:
+        results = do_ingest(con, files, run=run, delta=delta)
+    finally:
+        con.close()
+    _print_ingest_results(results, json)
+
+
+@ingest_app.command("steps")
+def ingest_steps(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet: step, point_id, grad_norm[, loss, sampled].", show_default=False)],
+    run: Annotated[str, typer.Option(help="Run name (created if new).", show_default=False)],
+    sample_rate: Annotated[Optional[float], typer.Option(help="Poisson sample rate q.")] = None,
+    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma.")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clipping norm C.")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta [default: 1e-5 for a new run].")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset the point ids index.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Number of steps of the run [default: last step + 1].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Expected batch size.")] = None,
+    norms_clipped: Annotated[bool, typer.Option("--norms-clipped", help="grad_norm holds norms already clipped at C.")] = False,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Ingest per-point, per-step gradient norms from any tool (CSV or Parquet)."""
+    from ingest import ingest_steps as do_ingest
+
+    from .db import connect
+
+    con = connect(db)
+    try:
+        result = do_ingest(
+            con, file, run,
+            sample_rate=sample_rate, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            delta=delta, dataset=dataset, steps=steps, batch_size=batch_size, norms_clipped=norms_clipped,
+        )
+    finally:
+        con.close()
+    _print_ingest_results([result], json)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL to run (read-only); $name for bound parameters.", show_default=False)],
+    param: Annotated[
+        Optional[list[str]],
+        typer.Option("--param", "-p", help="Bound parameter: -p name value (or -p name=value); repeatable."),
+    ] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
+    allow_files: Annotated[bool, typer.Option("--allow-files", help="Let the SQL read files (read_csv, read_parquet, ...).")] = False,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Run SQL on the warehouse, opened read-only; parameters are bound, never pasted."""
+    from .output import emit
+    from .query import parse_params, run_query
+
+    pairs = []
+    for p in param or []:
+        name, sep, value = p.partition("=")
+        if not sep:
+            raise UserError(f"-p {p}: give a parameter as -p name value or -p name=value")
+        pairs.append((name, value))
+    fmt = _format(format, json)
+    table = run_query(sql, parse_params(pairs), db, allow_files=allow_files)
+    emit(table, fmt)
+
+
+@app.command()
+def runs(db: DbOption = None, json: JsonOption = False, format: Annotated[str, typer.Option("--format", "-f")] = "table") -> None:
+    """List runs with their DP-SGD parameters and row counts."""
+    from .db import connect
+    from .output import emit
+    from .query import list_runs
+
+    fmt = _format(format, json)
+    con = connect(db, read_only=True)
+    try:
+        table = list_runs(con)
+    finally:
+        con.close()
+    if fmt == "table":  # the terminal gets the columns that tell runs apart
+        table = table.select(["run_id", "dataset", "model", "sample_rate", "noise_multiplier", "max_grad_norm",
+                              "steps", "delta", "private", "status", "point_step_rows", "points_tracked",
+                              "steps_recorded"])
+    emit(table, fmt, title="runs")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo database and files.")] = Path("dpledger-demo"),
+    json: JsonOption = False,
+) -> None:
+    """Run the whole path on bundled data: per-point norms in, a query out."""
+    from ingest.demo import run_demo
+
+    from .output import emit, to_json
+
+    summary = run_demo(out)
+    if json:
+        print(to_json({**summary, "top_points": summary["top_points"]}))
+        return
+    r = summary["ingest"]
+    if r["status"] == "skipped":
+        _err(f"{summary['db']}: the demo data is in already ({r['reason']})")
+    else:
+        _err(f"ingested {r['rows']} point-step rows into run 'demo' of {summary['db']}")
+    emit(summary["top_points"], "table", title="points paying the most (largest mean clipped gradient norm)")
+    print(f"explore it: dpledger query \"select * from runs\" --db {summary['db']}")
+
+
+def _normalise_param_pairs(argv: list[str]) -> list[str]:
+    """``-p name value`` -> ``-p name=value`` (typer options take one value each)."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-p", "--param") and i + 2 < len(argv) and "=" not in argv[i + 1]:
+            out += [tok, f"{argv[i + 1]}={argv[i + 2]}"]
+            i += 3
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app, turning user errors into one line and exit 2."""
+    from typer.exceptions import Abort, TyperException
+
+    args = _normalise_param_pairs(list(sys.argv[1:] if argv is None else argv))
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="dpledger", standalone_mode=False)
+    except UserError as exc:
+        _err(f"error: {exc}")
+        return 2
+    except Abort:
+        _err("aborted")
+        return 130
+    except TyperException as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _err(f"error: {message}{hint}")
+        return 2
+    except BrokenPipeError:
+        return 0
+    return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:  # pragma: no cover - console script
+    sys.exit(main())

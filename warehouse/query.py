@@ -1,0 +1,88 @@
+"""Read-only querying: ``dpledger query`` and ``dpledger runs``."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import duckdb
+import pyarrow as pa
+
+from .db import connect
+from .errors import UserError
+
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_param_value(text: str):
+    """A parameter from the command line: an integer, a float, or else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(pairs: list[tuple[str, str]] | None) -> dict:
+    params = {}
+    for name, value in pairs or []:
+        if not _PARAM_NAME.match(name):
+            raise UserError(f"-p {name}: a parameter name is letters, digits and _ (used as ${name} in the SQL)")
+        params[name] = parse_param_value(value)
+    return params
+
+
+def run_query(
+    sql: str,
+    params: dict | None = None,
+    path: str | os.PathLike | None = None,
+    allow_files: bool = False,
+) -> pa.Table:
+    """Run ``sql`` on a read-only connection, binding ``params`` ($name in the SQL).
+
+    Writes fail (DuckDB read-only access mode); reading or writing other files from
+    the SQL is refused unless ``allow_files``.
+    """
+    con = connect(path, read_only=True, external_access=allow_files)
+    try:
+        try:
+            relation = con.sql(sql, params=params or None)
+            if relation is None:  # a statement without a result
+                return pa.table({})
+            return relation.to_arrow_table()
+        except duckdb.Error as exc:
+            raise UserError(_query_error(exc)) from None
+    finally:
+        con.close()
+
+
+def _query_error(exc: duckdb.Error) -> str:
+    first = str(exc).splitlines()[0]
+    if "read-only mode" in first:
+        return f"query: the database is open read-only; write statements are refused ({first})"
+    if "file system operations are disabled" in first or "external access" in first.lower():
+        return f"query: reading or writing files from SQL is off; pass --allow-files to allow it ({first})"
+    return f"query: {first}"
+
+
+RUNS_SQL = """
+SELECT r.run_id, r.dataset, r.model, r.seed, r.sample_rate, r.noise_multiplier, r.max_grad_norm,
+       r.batch_size, r.epochs, r.steps, r.delta, r.target_epsilon, r.private, r.status, r.source,
+       coalesce(ps.rows, 0) AS point_step_rows,
+       coalesce(ps.points, 0) AS points_tracked,
+       coalesce(ps.steps_recorded, 0) AS steps_recorded,
+       coalesce(ev.rows, 0) AS evaluation_rows,
+       r.created_at
+FROM runs r
+LEFT JOIN (SELECT run_id, count(*) AS rows, count(DISTINCT point_id) AS points,
+                  count(DISTINCT step) AS steps_recorded
+           FROM point_steps GROUP BY run_id) ps USING (run_id)
+LEFT JOIN (SELECT run_id, count(*) AS rows FROM evaluations GROUP BY run_id) ev USING (run_id)
+ORDER BY r.run_id
+"""
+
+
+def list_runs(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """Every run with its parameters and row counts."""
+    return con.sql(RUNS_SQL).to_arrow_table()

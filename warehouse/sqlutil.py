@@ -1,0 +1,19 @@
+"""Small helpers over DuckDB results."""
+
+from __future__ import annotations
+
+
+def first(result):
+    """The first row of a result (or None), reading the result to its end.
+
+    duckdb 2.0 refuses ``register``/``unregister``/``create_function`` while a result
+    is unfinished, and ``fetchone`` leaves it unfinished; these queries return at most
+    one row, so reading them whole costs nothing.
+    """
+    rows = result.fetchall()
+    return rows[0] if rows else None
+
+
+def scalar(result):
+    row = first(result)
+    return None if row is None else row[0]
