@@ -108,6 +108,7 @@ def ensure_run(con: duckdb.DuckDBPyConnection, run: dict, where: str) -> bool:
             f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
             values,
         )
+        refresh_config_key(con, run_id)
         return True
     fill = {}
     for param in RUN_PARAMS:
@@ -125,7 +126,17 @@ def ensure_run(con: duckdb.DuckDBPyConnection, run: dict, where: str) -> bool:
     if fill:
         sets = ", ".join(f"{k} = ?" for k in fill)
         con.execute(f"UPDATE runs SET {sets}, updated_at = current_timestamp WHERE run_id = ?", [*fill.values(), run_id])
+        refresh_config_key(con, run_id)
     return False
+
+
+def refresh_config_key(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+    """Recompute ``runs.config_key`` (the macro of sql/schema/002) after a change."""
+    con.execute(
+        "UPDATE runs SET config_key = run_config_key(dataset, model, sample_rate, noise_multiplier, "
+        "max_grad_norm, steps) WHERE run_id = ?",
+        [run_id],
+    )
 
 
 def extend_run_steps(con: duckdb.DuckDBPyConnection, run_id: str, last_step: int) -> None:
@@ -134,6 +145,7 @@ def extend_run_steps(con: duckdb.DuckDBPyConnection, run_id: str, last_step: int
         "UPDATE runs SET steps = greatest(coalesce(steps, 0), ?), updated_at = current_timestamp WHERE run_id = ?",
         [last_step + 1, run_id],
     )
+    refresh_config_key(con, run_id)
 
 
 def _key_columns(rows: pa.Table, key: tuple[str, ...]) -> list[np.ndarray]:

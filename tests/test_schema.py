@@ -11,7 +11,7 @@ from warehouse import tables
 
 DESIGN_TABLES = {
     "runs", "points", "membership", "steps", "point_steps", "evaluations",
-    "curvature", "memorization", "ingests",
+    "curvature", "memorization", "ingests", "accountings", "point_epsilon", "config_epsilon", "rdp_grid",
 }
 
 
@@ -92,7 +92,7 @@ def test_default_path_comes_from_env(monkeypatch, tmp_path, cli):
 
 def test_sqlalchemy_declarations_match_the_sql_schema(db):
     warehouse.init(db)
-    con = duckdb.connect(str(db), read_only=True)
+    con = warehouse.connect(db, read_only=True)
     for table in tables.metadata.sorted_tables:
         cols = [r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",

@@ -33,6 +33,12 @@ DbOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _err(message: str) -> None:
     sys.stderr.write(message.rstrip() + "\n")
 
@@ -174,6 +180,110 @@ def runs(db: DbOption = None, json: JsonOption = False, format: Annotated[str, t
                               "steps", "delta", "private", "status", "point_step_rows", "points_tracked",
                               "steps_recorded"])
     emit(table, fmt, title="runs")
+
+
+@app.command()
+def account(
+    run: Annotated[Optional[list[str]], typer.Option("--run", help="Run to account (repeatable) [default: every run with norms].")] = None,
+    rule: Annotated[str, typer.Option(help="Composition rule: rdp (per run) or gla (Thudi et al., per configuration).")] = "rdp",
+    delta: Annotated[Optional[float], typer.Option(help="Delta for epsilon [default: each run's delta].")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact per-row RDP instead of the tabulated upper bound (slow on big runs).")] = False,
+    grid: Annotated[int, typer.Option(help="Cells of r = s/C for the tabulated fast path.")] = 1024,
+    legacy_scaling: Annotated[bool, typer.Option("--legacy-scaling", help="gla: the study's scaling (clipped norm / batch size), to reproduce its numbers.")] = False,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Compute per-example epsilon (point_epsilon) for runs under a composition rule."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .accounting import account as do_account
+    from .db import connect
+    from .output import records, to_json
+
+    con = connect(db)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                      TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json) as bar:
+            task = bar.add_task(f"accounting ({rule})", total=None)
+
+            def on_run(name: str, i: int, n: int) -> None:
+                bar.update(task, description=f"accounting {name} ({rule})", completed=i, total=n)
+
+            summaries = do_account(con, run, rule=rule, delta=delta, exact=exact, grid=grid,
+                                   legacy_scaling=legacy_scaling, on_run=on_run)
+    finally:
+        con.close()
+    if json:
+        print(to_json(summaries))
+        return
+    if not summaries:
+        _err("no runs with per-point norms to account")
+        return
+    for s in summaries:
+        if "skipped" in s:
+            print(f"{s['run_id']}: skipped ({s['skipped']})")
+            continue
+        how = "exact" if s["exact"] else "tabulated upper bound"
+        print(f"{s['run_id']} [{s['rule']}, {how}, delta={s['delta']:g}]: {s['points']} points, epsilon "
+              f"min {s['epsilon_min']:.4g} / median {s['epsilon_median']:.4g} / max {s['epsilon_max']:.4g}; "
+              f"data-independent epsilon of the run {s['run_epsilon']:.4g}")
+        if s["points_partially_covered"]:
+            print(f"  note: {s['points_partially_covered']} points have norms for only part of the run's "
+                  f"{s['steps']} steps; their epsilon covers the recorded part")
+        for note in s["notes"]:
+            print(f"  note: {note}")
+
+
+@app.command()
+def rank(
+    run: Annotated[str, typer.Option(help="Run to rank.", show_default=False)],
+    lowest: Annotated[Optional[int], typer.Option(help="The N points with the lowest epsilon.")] = None,
+    highest: Annotated[Optional[int], typer.Option(help="The N points with the highest epsilon.")] = None,
+    rule: Annotated[str, typer.Option(help="Composition rule the epsilons were computed with.")] = "rdp",
+    format: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Points of a run ranked by per-example epsilon, beside the run's data-independent epsilon."""
+    from .accounting import rank as do_rank
+    from .db import connect
+    from .output import emit
+
+    fmt = _format(format, json)
+    con = connect(db, read_only=True)
+    try:
+        table = do_rank(con, run, rule=rule, lowest=lowest, highest=highest)
+    finally:
+        con.close()
+    which = f"highest {highest}" if highest is not None else (f"lowest {lowest}" if lowest is not None else "all")
+    emit(table, fmt, title=f"{run}: points by epsilon ({rule}, {which})")
+
+
+@app.command()
+def budget(
+    sample_rate: Annotated[float, typer.Option(help="Poisson sample rate q.", show_default=False)],
+    delta: Annotated[float, typer.Option(help="Target delta.", show_default=False)],
+    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma (gives epsilon).")] = None,
+    target_epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon (gives the noise multiplier).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Number of steps.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs (steps = epochs x ceil(1/q)).")] = None,
+    accountant: Annotated[str, typer.Option(help="rdp, prv or gdp.")] = "rdp",
+    json: JsonOption = False,
+) -> None:
+    """Epsilon of DP-SGD (or the noise multiplier for a target epsilon), no training needed."""
+    from .accounting import budget as do_budget
+    from .output import to_json
+
+    out = do_budget(sample_rate, delta, noise_multiplier=noise_multiplier, steps=steps, epochs=epochs,
+                    accountant=accountant, target_epsilon=target_epsilon)
+    if json:
+        print(to_json(out))
+        return
+    line = (f"epsilon = {out['epsilon']:.6g} at delta = {out['delta']:g} after {out['steps']} steps "
+            f"(q = {out['sample_rate']:g}, noise multiplier = {out['noise_multiplier']:.6g}, {out['accountant']} accountant")
+    if "order" in out:
+        line += f", optimal order {out['order']:g}"
+    print(line + ")")
 
 
 @app.command()

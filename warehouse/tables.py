@@ -47,6 +47,7 @@ runs = Table(
     Column("created_at", DateTime),
     Column("updated_at", DateTime),
     Column("config", JSON),
+    Column("config_key", String),
 )
 
 points = Table(
@@ -135,4 +136,63 @@ ingests = Table(
     Column("rows", BigInteger, nullable=False),
     Column("run_ids", ARRAY(String)),
     Column("ingested_at", DateTime),
+)
+
+accountings = Table(
+    "accountings",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("rule", String, primary_key=True),
+    Column("delta", Double, nullable=False),
+    Column("exact", Boolean, nullable=False),
+    Column("grid_size", Integer),
+    Column("orders", ARRAY(Double), nullable=False),
+    Column("fill", String, nullable=False),
+    Column("holder_p", Double),
+    Column("max_order", Integer),
+    Column("legacy_scaling", Boolean, nullable=False),
+    Column("bounded_orders", ARRAY(Double)),
+    Column("computed_at", DateTime),
+)
+
+point_epsilon = Table(
+    "point_epsilon",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("point_id", BigInteger, primary_key=True),
+    Column("rule", String, primary_key=True),
+    Column("epsilon", Double),
+    Column("best_order", Double),
+    Column("delta", Double, nullable=False),
+    Column("exact", Boolean, nullable=False),
+    Column("steps_covered", BigInteger, nullable=False),
+    Column("order_at_edge", Boolean, nullable=False),
+    Column("rdp", ARRAY(Double)),
+)
+
+config_epsilon = Table(
+    "config_epsilon",
+    metadata,
+    Column("config_key", String, primary_key=True),
+    Column("rule", String, primary_key=True),
+    Column("point_id", BigInteger, primary_key=True),
+    Column("n_runs", Integer, nullable=False),
+    Column("epsilon_mean", Double),
+    Column("epsilon_min", Double),
+    Column("epsilon_max", Double),
+    Column("epsilon_expected", Double),
+    Column("best_order_expected", Double),
+    Column("delta", Double),
+)
+
+rdp_grid = Table(
+    "rdp_grid",
+    metadata,
+    Column("sample_rate", Double, primary_key=True),
+    Column("noise_multiplier", Double, primary_key=True),
+    Column("grid_size", Integer, primary_key=True),
+    Column("alpha", Double, primary_key=True),
+    Column("j", Integer, primary_key=True),
+    Column("rho", Double, nullable=False),
+    Column("bounded", Boolean, nullable=False),
 )

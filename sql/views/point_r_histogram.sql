@@ -1,0 +1,25 @@
+-- The fast path's histogram: for each (run, point), the clipped-norm ratios
+-- r = min(norm, C) / C of its recorded steps, tent-weighted on the run's grid of
+-- `grid_size` cells (accountings, rule 'rdp', not exact). A step with
+-- r * grid_size = j + f adds (1 - f) to `weight_lo` of bin j and f to `weight_hi`
+-- (that is, to bin j + 1), times the steps it covers. Composed RDP is then
+-- sum(weight_lo * rho[j] + weight_hi * rho[j + 1]) over the tabulated rdp_grid:
+-- a chord of a convex curve, so an upper bound of the exact sum.
+CREATE OR REPLACE VIEW point_r_histogram AS
+WITH grid AS (
+    SELECT run_id, grid_size FROM accountings WHERE rule = 'rdp' AND NOT exact
+),
+x AS (
+    SELECT c.run_id, c.point_id, c.covers, g.grid_size,
+           least(c.grad_norm, r.max_grad_norm) / r.max_grad_norm * g.grid_size AS x
+    FROM point_step_coverage c JOIN grid g USING (run_id) JOIN runs r USING (run_id)
+),
+y AS (
+    SELECT run_id, point_id, covers, x, least(floor(x), grid_size - 1) AS j FROM x
+)
+SELECT run_id, point_id, CAST(j AS INTEGER) AS bin,
+       sum((1 - (x - j)) * covers) AS weight_lo,
+       sum((x - j) * covers) AS weight_hi,
+       CAST(sum(covers) AS BIGINT) AS steps
+FROM y
+GROUP BY run_id, point_id, j;
