@@ -252,6 +252,18 @@ def insert_facts(
     return rows.num_rows
 
 
+def append_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> int:
+    """Append rows the caller guarantees are new (a worker's own steps past its marker)."""
+    name = f"_append_{table}"
+    con.register(name, rows)
+    try:
+        cols = ", ".join(rows.column_names)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
+    finally:
+        con.unregister(name)
+    return rows.num_rows
+
+
 def insert_points(con: duckdb.DuckDBPyConnection, points: pa.Table) -> int:
     """Add points not yet known (dataset, point_id); existing points are kept as they are."""
     if points.num_rows == 0:

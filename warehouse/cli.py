@@ -287,6 +287,147 @@ def budget(
 
 
 @app.command()
+def train(
+    run: Annotated[Optional[str], typer.Option(help="Run name [default: from dataset, model, seed, noise].")] = None,
+    dataset: Annotated[str, typer.Option(help="digits, mnist5k, synthetic, mnist, fashion-mnist, cifar10, fairface, npz.")] = "digits",
+    data_path: Annotated[Optional[str], typer.Option(help="Local files of the dataset (mnist, cifar10, fairface, npz).")] = None,
+    model: Annotated[str, typer.Option(help="logreg, mlp, lenet or resnet18.")] = "mlp",
+    epochs: Annotated[float, typer.Option(help="Epochs (steps = ceil(epochs x floor(1/q))).")] = 5.0,
+    batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size; q = batch_size / n.")] = 64,
+    lr: Annotated[float, typer.Option(help="Learning rate (SGD).")] = 0.5,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Clipping norm C.")] = 1.0,
+    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma.")] = None,
+    target_epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon (Opacus calibrates sigma).")] = None,
+    delta: Annotated[float, typer.Option(help="Delta.")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, sampling and noise.")] = 0,
+    disable_dp: Annotated[bool, typer.Option("--disable-dp", help="Train without DP (a baseline).")] = False,
+    track: Annotated[str, typer.Option(help="Points to track: all, N (the first N), or a file of point ids.")] = "all",
+    track_every: Annotated[int, typer.Option(help="Record norms every K steps.")] = 1,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate and checkpoint every K steps [default: each epoch].")] = None,
+    commit_every: Annotated[int, typer.Option(help="Commit rows every K steps.")] = 50,
+    n_train: Annotated[Optional[int], typer.Option(help="Use only the first N training points.")] = None,
+    n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test points.")] = None,
+    subset_ratio: Annotated[Optional[float], typer.Option(help="Train on a random subset (membership recorded).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: 1 for logreg/mlp, else all].")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue run RUN from its last committed step.")] = None,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Train with DP-SGD (Opacus), recording per-point gradient norms and losses into the warehouse."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from analysis.rdp import dp_epsilon
+    from ingest.sinks import DuckDBSink
+    from ingest.worker import TrainConfig, train as do_train
+
+    from .db import resolve_db_path
+    from .output import to_json
+
+    cfg = TrainConfig(run=resume or run, dataset=dataset, data_path=data_path, model=model, epochs=epochs,
+                      batch_size=batch_size, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
+                      noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, seed=seed,
+                      disable_dp=disable_dp, track=track, track_every=track_every, eval_every=eval_every,
+                      commit_every=commit_every, n_train=n_train, n_test=n_test, subset_ratio=subset_ratio,
+                      device=device, threads=threads)
+    db_path = resolve_db_path(db)
+    sink = DuckDBSink(db_path)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=_stderr_console(), transient=True, disable=json) as bar:
+            task = bar.add_task(f"training {cfg.run or ''}", total=None, info="")
+
+            def on_progress(p: dict) -> None:
+                info = f"loss {p['loss']:.3f}"
+                if p["sigma"]:
+                    info += f"  eps {dp_epsilon(p['q'], p['sigma'], p['step'], p['delta'])[0]:.2f}"
+                bar.update(task, completed=p["step"], total=p["total"], info=info)
+
+            summary = do_train(cfg, sink, resume=resume is not None, db_dir=db_path.resolve().parent,
+                               on_progress=on_progress)
+    finally:
+        sink.close()
+    if json:
+        print(to_json(summary))
+        return
+    acc = f", test accuracy {summary['test_accuracy']:.3f}" if summary.get("test_accuracy") is not None else ""
+    print(f"{summary['run_id']}: {summary['status']} after {summary['steps']} steps "
+          f"({summary['rows']} point-step rows{', resumed at step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}{acc})")
+
+
+@ingest_app.command("shards")
+def ingest_shards(
+    lake: Annotated[Path, typer.Argument(help="Lake folder (run_id=<id>/ folders of Parquet shards).", show_default=False)],
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Merge the committed Parquet shards of a lake into the database (idempotent)."""
+    from ingest.shards import ingest_shards as do_merge
+
+    from .db import connect
+    from .output import to_json
+
+    con = connect(db)
+    try:
+        results = do_merge(con, lake)
+    finally:
+        con.close()
+    if json:
+        print(to_json(results))
+        return
+    if not results:
+        print(f"{lake}: no committed runs")
+    for r in results:
+        print(f"{r['run_id']}: {r['rows']} point-step rows merged from {r['files_merged']} files "
+              f"({r['files_skipped']} merged before); run {r['status']} at step {r['committed_step']}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="TOML: [base] train options, [grid] lists, optional [[runs]].", show_default=False)],
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    lake: Annotated[Optional[Path], typer.Option(help="Folder for the runs' Parquet shards [default: lake/ next to the database].")] = None,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Train a grid of runs across local processes into a Parquet lake, then merge it into the database."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.shards import ingest_shards as do_merge
+    from ingest.sweep import load_config, run_sweep
+
+    from .db import connect, resolve_db_path
+    from .output import to_json
+
+    configs = load_config(config)
+    db_path = resolve_db_path(db)
+    lake_dir = lake or db_path.resolve().parent / "lake"
+    connect(db_path).close()  # a bad database path fails now, not after training
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                  TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json) as bar:
+        task = bar.add_task(f"sweep ({workers} workers)", total=len(configs))
+        results = run_sweep(configs, lake_dir, workers,
+                            on_done=lambda r, i, n: bar.update(task, completed=i, description=f"done {r['run_id']}"))
+    con = connect(db_path)
+    try:
+        merged = do_merge(con, lake_dir)
+    finally:
+        con.close()
+    failed = [r for r in results if r.get("status") == "failed"]
+    if json:
+        print(to_json({"runs": results, "merged": merged}))
+    else:
+        for r in results:
+            what = r.get("skipped") or r.get("error") or f"{r['steps']} steps, {r['rows']} point-step rows"
+            print(f"{r['run_id']}: {r['status']} ({what})")
+        print(f"merged {sum(m['rows'] for m in merged)} new point-step rows from {lake_dir} into {db_path}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(results)} runs failed; first: {failed[0]['run_id']}: {failed[0]['error']}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo database and files.")] = Path("dpledger-demo"),
     json: JsonOption = False,
@@ -350,3 +491,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:  # pragma: no cover - console script
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m warehouse.cli
+    entry()

@@ -48,6 +48,8 @@ runs = Table(
     Column("updated_at", DateTime),
     Column("config", JSON),
     Column("config_key", String),
+    Column("committed_step", BigInteger),
+    Column("run_dir", String),
 )
 
 points = Table(
@@ -81,6 +83,7 @@ steps = Table(
     Column("wall_s", Double),
     Column("peak_mem_bytes", BigInteger),
     Column("test_accuracy", Double),
+    Column("track_s", Double),
 )
 
 point_steps = Table(
@@ -104,6 +107,7 @@ evaluations = Table(
     Column("loss", Double),
     Column("correct", Boolean),
     Column("margin", Double),
+    Column("confidence_logit", Double),
 )
 
 curvature = Table(
@@ -195,4 +199,12 @@ rdp_grid = Table(
     Column("j", Integer, primary_key=True),
     Column("rho", Double, nullable=False),
     Column("bounded", Boolean, nullable=False),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("path", String, nullable=False),
 )

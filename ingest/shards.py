@@ -1,0 +1,152 @@
+"""``dpledger ingest shards LAKE``: merge the committed Parquet shards of a lake into a
+database, idempotently.
+
+A lake holds one folder per run, ``run_id=<id>/``, written by :class:`ingest.sinks.ShardSink`:
+``run.json`` (the run's parameters), ``points.parquet``, optionally
+``membership.parquet``, the shards ``<table>/part-<worker>-<seq>.parquet`` and
+``manifest.json``, which lists the committed shards. Files the manifest does not
+list (a worker killed mid-write leaves at most a temporary file) are not read.
+
+Every listed file is read and checked before anything is written, and the whole
+merge is one transaction: a missing, truncated or wrong-schema shard is named in a
+one-line error and the database is left as it was. Shards merged before (same
+sha256) are skipped, so merging twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from warehouse.errors import UserError
+
+from . import load
+from .readers import file_sha256
+
+REQUIRED = {
+    "point_steps": {"step", "point_id", "grad_norm"},
+    "steps": {"step"},
+    "evaluations": {"step", "point_id"},
+    "checkpoints": {"step", "path"},
+}
+KIND = "shard"
+
+
+def _read(path: Path, required: set[str]) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UserError(f"{path}: not a readable Parquet shard ({str(exc).splitlines()[0]})") from None
+    missing = sorted(required - set(table.column_names))
+    if missing:
+        raise UserError(f"{path}: wrong schema, missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)}")
+    return table
+
+
+def _runs(lake: Path) -> list[Path]:
+    if not lake.exists():
+        raise UserError(f"{lake}: no such lake folder")
+    if not lake.is_dir():
+        raise UserError(f"{lake}: not a folder")
+    return sorted(p for p in lake.iterdir() if p.is_dir() and p.name.startswith("run_id="))
+
+
+def plan(lake: str | Path) -> list[dict]:
+    """Read and check every committed file of the lake; nothing is written."""
+    lake = Path(lake)
+    out = []
+    for d in _runs(lake):
+        manifest_path = d / "manifest.json"
+        if not manifest_path.exists():
+            continue  # a run that never committed anything
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            run = json.loads((d / "run.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{d}: unreadable run.json or manifest.json ({exc})") from None
+        if run.get("run_id") != d.name.split("=", 1)[1]:
+            raise UserError(f"{d / 'run.json'}: run_id {run.get('run_id')!r} does not match its folder")
+        files = []
+        for shard in manifest.get("shards", []):
+            for table, info in shard.get("files", {}).items():
+                if table not in REQUIRED:
+                    raise UserError(f"{manifest_path}: unknown table {table!r} in shard {shard.get('seq')}")
+                path = d / info["path"]
+                if not path.exists():
+                    raise UserError(f"{path}: listed in {manifest_path} but missing")
+                rows = _read(path, REQUIRED[table])
+                if rows.num_rows != info.get("rows"):
+                    raise UserError(f"{path}: {rows.num_rows} rows, but the manifest says {info.get('rows')}")
+                files.append({"table": table, "path": path, "rows": rows})
+        points = _read(d / "points.parquet", {"dataset", "point_id"}) if (d / "points.parquet").exists() else None
+        membership = _read(d / "membership.parquet", {"run_id", "point_id", "in_train"}) \
+            if (d / "membership.parquet").exists() else None
+        out.append({"dir": d, "run": run, "manifest": manifest, "files": files, "points": points,
+                    "membership": membership})
+    return out
+
+
+def ingest_shards(con, lake: str | Path) -> list[dict]:
+    """Merge a lake into the database in one transaction; returns one summary per run."""
+    runs = plan(lake)
+    results = []
+    with load.transaction(con):
+        for item in runs:
+            run = dict(item["run"])
+            run_id = run["run_id"]
+            load.ensure_run(con, run, str(item["dir"] / "run.json"))
+            con.execute("UPDATE runs SET run_dir = coalesce(run_dir, ?), config = ? WHERE run_id = ? "
+                        "AND (run_dir IS NULL OR CAST(config AS VARCHAR) IS DISTINCT FROM ?)",
+                        [run.get("run_dir"), json.dumps(run.get("config") or {}), run_id,
+                         json.dumps(run.get("config") or {})])
+            if item["points"] is not None:
+                load.insert_points(con, item["points"])
+            if item["membership"] is not None and item["membership"].num_rows:
+                con.register("_lake_membership", item["membership"])
+                try:
+                    con.execute("INSERT OR IGNORE INTO membership SELECT run_id, point_id, in_train FROM _lake_membership")
+                finally:
+                    con.unregister("_lake_membership")
+            new: dict[str, list[pa.Table]] = {}
+            skipped = 0
+            for f in item["files"]:
+                sha = file_sha256(f["path"])
+                if load.find_ingest(con, sha, f"{KIND}:{f['table']}", run_id) is not None:
+                    skipped += 1
+                    continue
+                rows = f["rows"]
+                if "run_id" in rows.column_names:
+                    rows = rows.drop(["run_id"])
+                rows = rows.add_column(0, "run_id", pa.array([run_id] * rows.num_rows, pa.string()))
+                new.setdefault(f["table"], []).append(rows)
+                load.record_ingest(con, sha, f"{KIND}:{f['table']}", run_id, str(f["path"]), rows.num_rows, [run_id])
+            counts = {}
+            for table, parts in new.items():
+                merged = pa.concat_tables(parts, promote_options="default")
+                src = load.Source(item["dir"] / table, "parquet")
+                if table in ("point_steps", "evaluations"):
+                    counts[table] = load.insert_facts(con, table, merged, src)
+                else:
+                    key = "run_id, step"
+                    con.register("_lake_rows", merged)
+                    try:
+                        cols = ", ".join(merged.column_names)
+                        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _lake_rows "
+                                    f"ON CONFLICT ({key}) DO NOTHING")
+                    finally:
+                        con.unregister("_lake_rows")
+                    counts[table] = merged.num_rows
+            manifest = item["manifest"]
+            con.execute("UPDATE runs SET committed_step = ?, status = ?, updated_at = now() WHERE run_id = ? "
+                        "AND (committed_step IS DISTINCT FROM ? OR status IS DISTINCT FROM ?)",
+                        [manifest.get("committed_step"), manifest.get("status", "running"), run_id,
+                         manifest.get("committed_step"), manifest.get("status", "running")])
+            results.append({"run_id": run_id, "status": manifest.get("status"),
+                            "committed_step": manifest.get("committed_step"),
+                            "rows": counts.get("point_steps", 0), "files_skipped": skipped,
+                            "files_merged": sum(len(p) for p in new.values())})
+    return results

@@ -1,0 +1,154 @@
+"""``dpledger sweep CONFIG.toml``: a grid of training runs across local worker processes.
+
+CONFIG::
+
+    [base]                 # options of `dpledger train`, long names with underscores
+    dataset = "digits"
+    model = "mlp"
+    epochs = 3
+    max_grad_norm = 1.0
+
+    [grid]                 # lists: the runs are their cartesian product
+    seed = [0, 1, 2]
+    noise_multiplier = [0.8, 1.2]
+
+    [[runs]]               # optional explicit rows (each over [base]), e.g. a paper's table
+    noise_multiplier = 2.0
+    lr = 0.1
+    run = "table1-row3"
+
+Run names come from the values that vary (``s0-n0.8``) unless a row gives ``run``.
+Each worker writes Parquet shards into the lake (``--lake``, default ``lake/`` next
+to the database); when all runs are done the lake is merged into the database.
+Runs already finished in the lake are skipped and incomplete ones resumed, so a
+sweep can simply be run again after a crash.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from warehouse.errors import UserError
+
+from .worker import TrainConfig, validate
+
+ABBREVIATIONS = {"seed": "s", "noise_multiplier": "n", "target_epsilon": "e", "subset_ratio": "sub",
+                 "batch_size": "b", "lr": "lr", "max_grad_norm": "c", "epochs": "ep"}
+
+
+def _name_part(key: str, value) -> str:
+    if key in ("model", "dataset"):
+        return str(value)
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{ABBREVIATIONS.get(key, key + '=')}{text}"
+
+
+def expand(config: dict, where: str = "sweep config") -> list[TrainConfig]:
+    """The runs of a sweep config (a parsed TOML document)."""
+    allowed = {"base", "grid", "runs"}
+    extra = sorted(set(config) - allowed)
+    if extra:
+        raise UserError(f"{where}: unknown section [{extra[0]}] (sections: base, grid, runs)")
+    base = dict(config.get("base", {}))
+    grid = config.get("grid", {})
+    explicit = config.get("runs", [])
+    if not isinstance(grid, dict) or not isinstance(explicit, list):
+        raise UserError(f"{where}: [grid] is a table of lists and [[runs]] a list of tables")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: [grid] {key} must be a non-empty list")
+    prefix = base.pop("run", None)
+    rows: list[tuple[dict, list[str]]] = []
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        rows.append(({**base, **dict(zip(keys, combo))}, [_name_part(k, v) for k, v in zip(keys, combo)]))
+    for i, row in enumerate(explicit):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: [[runs]] entry {i + 1} is not a table")
+        varying = [_name_part(k, v) for k, v in row.items() if k != "run"]
+        rows.append(({**base, **row}, varying or [f"row{i + 1}"]))
+    if not rows:
+        rows.append((base, []))
+    configs, names = [], set()
+    for options, parts in rows:
+        options = dict(options)
+        if "run" not in options:
+            options["run"] = "-".join(([prefix] if prefix else []) + parts) or (prefix or "run")
+        cfg = TrainConfig.from_dict(options, where)
+        validate(cfg)
+        if cfg.run in names:
+            raise UserError(f"{where}: two runs are named {cfg.run!r}; give [[runs]] entries a run name")
+        names.add(cfg.run)
+        configs.append(cfg)
+    return configs
+
+
+def load_config(path: str | Path) -> list[TrainConfig]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such sweep config")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    return expand(doc, str(path))
+
+
+def _task(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
+    """One run in a worker process (spawned: a fresh interpreter)."""
+    import warnings
+
+    from .sinks import ShardSink
+    from .worker import TrainConfig, train
+
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    cfg = TrainConfig(**cfg_dict)
+    if cfg.threads is None and threads < (os.cpu_count() or 1):
+        cfg.threads = threads  # workers share the cores
+    sink = ShardSink(lake, worker=worker)
+    manifest = sink.manifest(cfg.run)
+    if manifest is not None and manifest.get("status") == "finished":
+        return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
+    try:
+        return train(cfg, sink, resume=sink.run_exists(cfg.run))
+    except UserError as exc:
+        return {"run_id": cfg.run, "status": "failed", "error": str(exc)}
+
+
+def run_sweep(configs: list[TrainConfig], lake: str | Path, workers: int = 1,
+              on_done: Callable[[dict, int, int], None] | None = None) -> list[dict]:
+    """Run every config across ``workers`` processes into ``lake``; returns their summaries."""
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1")
+    lake = Path(lake)
+    lake.mkdir(parents=True, exist_ok=True)
+    for cfg in configs:
+        if cfg.run_dir is None:
+            cfg.run_dir = str(lake / f"run_id={cfg.run}")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    results = []
+    if workers == 1:
+        for i, cfg in enumerate(configs):
+            results.append(_task(asdict(cfg), str(lake), "w0", threads))
+            if on_done:
+                on_done(results[-1], i + 1, len(configs))
+        return results
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_task, asdict(cfg), str(lake), f"w{i}", threads): cfg for i, cfg in enumerate(configs)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            results.append(fut.result())
+            if on_done:
+                on_done(results[-1], done, len(configs))
+    order = {cfg.run: i for i, cfg in enumerate(configs)}
+    return sorted(results, key=lambda r: order.get(r["run_id"], 0))
+
+
+__all__ = ["expand", "load_config", "run_sweep"]
