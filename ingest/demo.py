@@ -1,44 +1,53 @@
-"""``dpledger demo``: the whole path on bundled data, in one call."""
+"""``dpledger demo``: the whole path on bundled data, in one call.
+
+Trains an MLP with DP-SGD (Opacus, Poisson sampling, σ = 1, C = 1) on scikit-learn's
+8x8 digits, tracking every training point at every step; accounts per-example ε;
+ranks the points; writes an HTML report (and PNGs). Offline, a minute or two on
+2 CPU cores. Running it again reuses the finished run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-import pandas as pd
-
+from warehouse.accounting import account, rank
 from warehouse.db import connect
+from warehouse.report import build_report
 
-from .steps_file import ingest_steps
+from .sinks import DuckDBSink
+from .worker import TrainConfig, train
 
-
-def synthetic_norms(n_points: int = 500, n_steps: int = 300, seed: int = 0) -> pd.DataFrame:
-    """Per-point, per-step gradient norms shaped like DP-SGD's: most points' norms shrink
-    as training fits them, a few hard points (every 50th) stay large throughout."""
-    rng = np.random.default_rng(seed)
-    step = np.repeat(np.arange(n_steps), n_points)
-    point = np.tile(np.arange(n_points), n_steps)
-    scale = np.where(point % 50 == 0, 3.0, 1.5 * np.exp(-step / (n_steps / 3)) + 0.05)
-    norm = rng.gamma(4.0, scale / 4.0)
-    return pd.DataFrame({"step": step, "point_id": point, "grad_norm": norm})
+DEMO_RUN = "demo-digits-mlp"
 
 
-def run_demo(out_dir: str | Path = "dpledger-demo") -> dict:
-    """Generate per-point norms, ingest them into ``out_dir/demo.duckdb``, return a summary."""
+def demo_config(epochs: float = 8.0) -> TrainConfig:
+    return TrainConfig(run=DEMO_RUN, dataset="digits", model="mlp", epochs=epochs, batch_size=64, lr=0.5,
+                       max_grad_norm=1.0, noise_multiplier=1.0, delta=1e-5, seed=0, track="all", track_every=1)
+
+
+def run_demo(out_dir: str | Path = "dpledger-demo", epochs: float = 8.0,
+             on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Train, account, rank and report into ``out_dir``; returns a summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    norms = out / "synthetic-norms.parquet"
-    synthetic_norms().to_parquet(norms, index=False)
     db = out / "demo.duckdb"
-    con = connect(db)
+    sink = DuckDBSink(db)
     try:
-        result = ingest_steps(con, norms, "demo", sample_rate=0.01, noise_multiplier=1.0,
-                              max_grad_norm=1.0, dataset="synthetic")
-        top = con.sql(
-            "SELECT point_id, avg(least(grad_norm, r.max_grad_norm)) AS mean_clipped_norm "
-            "FROM point_steps JOIN runs r USING (run_id) WHERE run_id = 'demo' "
-            "GROUP BY point_id ORDER BY mean_clipped_norm DESC, point_id LIMIT 10"
-        ).to_arrow_table()
+        status = sink.con.execute("SELECT status FROM runs WHERE run_id = ?", [DEMO_RUN]).fetchall()
+        if status and status[0][0] == "finished":
+            trained = {"run_id": DEMO_RUN, "status": "finished", "reused": True}
+        else:
+            trained = train(demo_config(epochs), sink, resume=bool(status), db_dir=out, on_progress=on_progress)
+        accounted = account(sink.con, [DEMO_RUN])[0]
+    finally:
+        sink.close()
+    con = connect(db, read_only=True)
+    try:
+        lowest = rank(con, DEMO_RUN, lowest=5)
+        highest = rank(con, DEMO_RUN, highest=5)
+        rep = build_report(con, DEMO_RUN, out / "report.html", png_dir=out / "charts")
     finally:
         con.close()
-    return {"db": str(db), "ingest": result, "top_points": top}
+    return {"db": str(db), "train": trained, "account": accounted, "lowest": lowest, "highest": highest,
+            "report": rep}

@@ -428,26 +428,63 @@ def sweep(
 
 
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo database and files.")] = Path("dpledger-demo"),
+def report(
+    run: Annotated[str, typer.Option(help="Run to report on.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="HTML file to write (self-contained, opens offline).")] = Path("report.html"),
+    png: Annotated[Optional[Path], typer.Option(help="Also write each chart as a PNG into this folder.")] = None,
+    rule: Annotated[str, typer.Option(help="Composition rule of the epsilons shown.")] = "rdp",
+    k: Annotated[int, typer.Option(help="Points in the lowest/highest gallery.")] = 10,
+    db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Run the whole path on bundled data: per-point norms in, a query out."""
+    """Write an HTML report (Altair charts inlined) of a run's per-example privacy."""
+    from .output import to_json
+    from .report import report as do_report
+
+    result = do_report(db, run, out, png, rule=rule, k=k)
+    if json:
+        print(to_json(result))
+        return
+    print(f"wrote {result['html']} ({len(result['sections'])} sections"
+          + (f", {len(result['pngs'])} PNGs in {png}" if png else "") + ")")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo database, report and charts.")] = Path("dpledger-demo"),
+    epochs: Annotated[float, typer.Option(help="Training epochs.")] = 8.0,
+    json: JsonOption = False,
+) -> None:
+    """Train DP-SGD on the bundled digits tracking every point, account per-example epsilon, rank, report."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from ingest.demo import run_demo
 
-    from .output import emit, to_json
+    from .output import emit, records, to_json
 
-    summary = run_demo(out)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=_stderr_console(),
+                  transient=True, disable=json) as bar:
+        task = bar.add_task("training MLP on digits with DP-SGD", total=None, info="")
+        summary = run_demo(out, epochs, on_progress=lambda p: bar.update(
+            task, completed=p["step"], total=p["total"], info=f"loss {p['loss']:.3f}"))
     if json:
-        print(to_json({**summary, "top_points": summary["top_points"]}))
+        print(to_json({**summary, "lowest": records(summary["lowest"]), "highest": records(summary["highest"])}))
         return
-    r = summary["ingest"]
-    if r["status"] == "skipped":
-        _err(f"{summary['db']}: the demo data is in already ({r['reason']})")
+    t, a = summary["train"], summary["account"]
+    if t.get("reused"):
+        print(f"{t['run_id']}: trained before, reusing it ({summary['db']})")
     else:
-        _err(f"ingested {r['rows']} point-step rows into run 'demo' of {summary['db']}")
-    emit(summary["top_points"], "table", title="points paying the most (largest mean clipped gradient norm)")
-    print(f"explore it: dpledger query \"select * from runs\" --db {summary['db']}")
+        print(f"{t['run_id']}: trained {t['steps']} DP-SGD steps on digits, {t['tracked_points']} points tracked "
+              f"every step, test accuracy {t['test_accuracy']:.3f}")
+    print(f"per-example epsilon: min {a['epsilon_min']:.3f} / median {a['epsilon_median']:.3f} / max "
+          f"{a['epsilon_max']:.3f}; the run's data-independent epsilon is {a['run_epsilon']:.3f} (delta {a['delta']:g})")
+    emit(summary["lowest"], "table", title="5 points paying the least privacy")
+    emit(summary["highest"], "table", title="5 points paying the most privacy")
+    rep = summary["report"]
+    print(f"report: {rep['html']} (opens offline), charts: {len(rep['pngs'])} PNGs in "
+          f"{Path(rep['pngs'][0]).parent if rep['pngs'] else '-'}")
+    print(f"explore: dpledger query \"select * from point_rank limit 5\" --db {summary['db']}")
 
 
 def _normalise_param_pairs(argv: list[str]) -> list[str]:
