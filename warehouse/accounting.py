@@ -256,13 +256,41 @@ def _summary(run: RunInfo, rule: str, eps: np.ndarray, covered: np.ndarray, exac
     }
 
 
-def _account_rdp(con, run: RunInfo, delta: float, exact: bool, size: int) -> dict:
+def _compose_filled(con, run: RunInfo, method: str, exact: bool, size: int):
+    """Compose a dense fill of every step 0..T-1 (analysis.fits) instead of hold-last."""
+    from .fitting import dense_chunks, fitted
+
+    pids, f = fitted(con, run, method)
+    steps = int(run.steps)
+    orders = rdp.DEFAULT_ORDERS
+    table = None if exact else ensure_grid(con, run.sample_rate, run.noise_multiplier, size)
+    composed = np.zeros((len(pids), len(orders)))
+    for idx, ratios in dense_chunks(f, len(pids), steps):
+        if exact:
+            uniq, inv = np.unique(ratios, return_inverse=True)
+            per_step = rdp.rdp_of_sensitivity(run.sample_rate, run.noise_multiplier, uniq, orders)
+            counts = np.zeros((len(idx), len(uniq)))
+            np.add.at(counts, (np.repeat(np.arange(len(idx)), steps), inv.ravel()), 1.0)
+            composed[idx] = counts @ per_step
+        else:
+            local = np.repeat(np.arange(len(idx)), steps)
+            hist = gridmod.histogram(local, ratios.ravel(), np.ones(ratios.size), len(idx), size)
+            composed[idx] = gridmod.compose(hist, table)
+    return pids, composed, np.full(len(pids), float(steps)), table
+
+
+def _account_rdp(con, run: RunInfo, delta: float, exact: bool, size: int, fill: str = "step") -> dict:
     orders = np.asarray(rdp.DEFAULT_ORDERS)
-    notes = [FILL]
+    notes = [FILL if fill == "step" else f"fill {fill}: per-step ratios between records from analysis.fits "
+                                          f"(held at the first/last record outside them)"]
     con.execute("BEGIN TRANSACTION")
     try:
         _write_accounting(con, run.run_id, "rdp", delta, exact, None if exact else size, orders)
-        if exact:
+        if fill != "step":
+            con.execute("UPDATE accountings SET fill = ? WHERE run_id = ? AND rule = 'rdp'", [fill, run.run_id])
+            pids, composed, covered, table = _compose_filled(con, run, fill, exact, size)
+            bounded = table.bounded_orders if table is not None else []
+        elif exact:
             pids, composed, covered = _compose_rdp_exact(con, run)
             bounded = []
         else:
@@ -443,6 +471,7 @@ def account(
     grid: int = gridmod.DEFAULT_GRID,
     legacy_scaling: bool = False,
     on_run: Callable[[str, int, int], None] | None = None,
+    fill: str = "step",
 ) -> list[dict]:
     """Compute per-example ε for runs (all runs with norms by default) under ``rule``.
 
@@ -458,6 +487,12 @@ def account(
         raise UserError(f"--grid {grid} must be an integer of at least 2")
     if legacy_scaling and rule != "gla":
         raise UserError("--legacy-scaling goes with --rule gla")
+    from analysis.fits import METHODS
+
+    if fill not in METHODS:
+        raise UserError(f"--fill {fill}: expected one of {', '.join(METHODS)}")
+    if fill != "step" and rule != "rdp":
+        raise UserError("--fill goes with --rule rdp (gla composes its own per-step terms)")
     runs = load_runs(con, run_ids)
     summaries: list[dict] = []
     private = []
@@ -472,7 +507,7 @@ def account(
         for i, run in enumerate(private):
             if on_run:
                 on_run(run.run_id, i, len(private))
-            summaries.append(_account_rdp(con, run, delta or run.delta, exact, grid))
+            summaries.append(_account_rdp(con, run, delta or run.delta, exact, grid, fill))
             con.execute("BEGIN TRANSACTION")
             refresh_config_epsilon(con, run.config_key, "rdp")
             con.execute("COMMIT")

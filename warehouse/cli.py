@@ -190,6 +190,7 @@ def account(
     exact: Annotated[bool, typer.Option("--exact", help="Exact per-row RDP instead of the tabulated upper bound (slow on big runs).")] = False,
     grid: Annotated[int, typer.Option(help="Cells of r = s/C for the tabulated fast path.")] = 1024,
     legacy_scaling: Annotated[bool, typer.Option("--legacy-scaling", help="gla: the study's scaling (clipped norm / batch size), to reproduce its numbers.")] = False,
+    fill: Annotated[str, typer.Option(help="Per-step ratios between recorded steps: step (hold last), linear, pchip, offset or nn.")] = "step",
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -210,7 +211,7 @@ def account(
                 bar.update(task, description=f"accounting {name} ({rule})", completed=i, total=n)
 
             summaries = do_account(con, run, rule=rule, delta=delta, exact=exact, grid=grid,
-                                   legacy_scaling=legacy_scaling, on_run=on_run)
+                                   legacy_scaling=legacy_scaling, on_run=on_run, fill=fill)
     finally:
         con.close()
     if json:
@@ -232,6 +233,42 @@ def account(
                   f"{s['steps']} steps; their epsilon covers the recorded part")
         for note in s["notes"]:
             print(f"  note: {note}")
+
+
+@app.command()
+def fit(
+    run: Annotated[str, typer.Option(help="Run whose per-step ratios to fit.", show_default=False)],
+    method: Annotated[list[str], typer.Option(help="step, linear, pchip, offset or nn (repeatable).")] = ["linear"],
+    holdout: Annotated[Optional[int], typer.Option(help="Hold out every K-th checkpoint and report the errors.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the nn method.")] = 0,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Fit per-step cost curves between checkpoints; with --holdout, how well each predicts held-out ones."""
+    from .db import connect
+    from .fitting import fit_run
+    from .output import emit, to_json
+
+    import pyarrow as pa
+
+    con = connect(db)
+    try:
+        results = [fit_run(con, run, m, holdout, seed) for m in method]
+    finally:
+        con.close()
+    if json:
+        print(to_json(results))
+        return
+    if holdout is None:
+        for r in results:
+            print(f"{r['run_id']}: fitted {r['method']} to {r['n_records']} records of {r['n_points']} points")
+        return
+    cols = ["cost_mae", "cost_max_abs", "cost_mre_above_floor", "eps_mae", "eps_max_abs", "eps_mre", "eps_max_rel",
+            "eps_step_mae"]
+    table = pa.table({"method": [r["method"] for r in results],
+                      **{c: [r["metrics"].get(c) for r in results] for c in cols}})
+    emit(table, "table", title=f"{run}: every checkpoint i with i % {holdout} == {holdout - 1} held out "
+                                   "(per-step cost at order 8, per-point epsilon)")
 
 
 @app.command()

@@ -73,6 +73,41 @@ def cumulative_epsilon(con, run: dict, point_ids: list[int]) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def _cumulative_from_dense(run: dict, ratios: np.ndarray, point_ids, every: int) -> pd.DataFrame:
+    orders = np.asarray(rdp.DEFAULT_ORDERS)
+    out = []
+    for pid, r in zip(point_ids, ratios):
+        uniq, inv = np.unique(r, return_inverse=True)
+        per_step = rdp.rdp_of_sensitivity(run["sample_rate"], run["noise_multiplier"], uniq, orders)[inv.ravel()]
+        curve = np.cumsum(per_step, axis=0)[every - 1::every]
+        eps, _ = rdp.epsilon_from_rdp(curve, run["delta"], orders)
+        out.append(pd.DataFrame({"point_id": pid, "step": np.arange(every, len(r) + 1, every), "cumulative_cost": eps}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["point_id", "step", "cumulative_cost"])
+
+
+def fitted_curves(con, run: dict, groups: dict[str, list[int]], methods=("linear", "pchip")) -> pd.DataFrame:
+    """Cumulative ε of the plotted points under fills between checkpoints (analysis.fits)."""
+    from analysis import fits
+
+    from .accounting import load_runs
+    from .fitting import run_records
+
+    (info,) = load_runs(con, [run["run_id"]])
+    pids, steps, values = run_records(con, info)
+    index = {int(p): i for i, p in enumerate(pids)}
+    n_steps = int(run["steps"])
+    every = max(1, n_steps // 400)  # ~400 points per curve
+    parts = []
+    for method in methods:
+        f = fits.fit(method, steps, values)
+        for group, ids in groups.items():
+            rows = [index[p] for p in ids if p in index]
+            dense = f.fill(n_steps, points=np.asarray(rows, dtype=np.int64))
+            parts.append(_cumulative_from_dense(run, dense, [int(pids[i]) for i in rows], every)
+                         .assign(group=group, kind=method))
+    return pd.concat(parts, ignore_index=True)
+
+
 def report_frames(con, run_id: str, rule: str = "rdp", k: int = 10) -> RunFrames:
     """Everything the report draws for one run, as data frames."""
     run_rows = _df(con, "SELECT * FROM runs WHERE run_id = $run", {"run": run_id})
@@ -100,6 +135,10 @@ def report_frames(con, run_id: str, rule: str = "rdp", k: int = 10) -> RunFrames
     if run.get("noise_multiplier") is not None and run.get("max_grad_norm") is not None:
         groups = {"lowest": low.point_id.astype(int).tolist()[:5], "highest": high.point_id.astype(int).tolist()[:5]}
         parts = [cumulative_epsilon(con, run, ids).assign(group=g, kind="recorded") for g, ids in groups.items()]
+        shape = con.execute("SELECT count(DISTINCT step), max(step) FROM point_steps WHERE run_id = ?",
+                            [run_id]).fetchall()[0]
+        if shape[0] < int(run["steps"]):  # norms at checkpoints only: overlay fills between them
+            parts.append(fitted_curves(con, run, groups))
         curves = pd.concat(parts, ignore_index=True)
     by_label = _df(con, "SELECT CAST(p.label AS VARCHAR) AS \"group\", pe.epsilon FROM point_epsilon pe "
                         "JOIN points p ON p.dataset = $ds AND p.point_id = pe.point_id "
@@ -179,7 +218,9 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
                 "How much privacy each training example pays, against the run's data-independent ε (the red line)."),
         Section("Privacy spent over training by the cheapest and dearest points",
                 charts.cost_curves(f.curves, 5, cost_title="cumulative ε (RDP composition)"),
-                "ε after each step for the 5 lowest- and 5 highest-ε points: where along training the cost is paid."),
+                "ε after each step for the 5 lowest- and 5 highest-ε points: where along training the cost is paid. "
+                "Where norms were recorded at checkpoints only, dashed lines show linear and monotone-cubic "
+                "(pchip) fills between them next to the recorded hold-last curve."),
         Section(f"The {k} lowest- and {k} highest-ε points", charts.gallery(f.gallery),
                 "What the cheapest and dearest examples look like, with their label, ε and rank."),
     ]

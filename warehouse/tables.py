@@ -208,3 +208,16 @@ checkpoints = Table(
     Column("step", BigInteger, primary_key=True),
     Column("path", String, nullable=False),
 )
+
+fits = Table(
+    "fits",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("method", String, primary_key=True),
+    Column("holdout_k", Integer, primary_key=True),
+    Column("n_points", BigInteger, nullable=False),
+    Column("n_records", BigInteger, nullable=False),
+    Column("params", JSON),
+    Column("metrics", JSON),
+    Column("computed_at", DateTime),
+)
