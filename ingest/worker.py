@@ -64,7 +64,8 @@ class TrainConfig:
     track: str = "all"
     track_every: int = 1
     eval_every: int | None = None
-    commit_every: int = 50
+    commit_every: int | None = None   # steps per commit; None: every commit_seconds
+    commit_seconds: float = 5.0
     n_train: int | None = None
     n_test: int | None = None
     subset_ratio: float | None = None
@@ -106,7 +107,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm} must be positive"),
         (0 < cfg.delta < 1, f"--delta {cfg.delta} is outside (0, 1)"),
         (cfg.track_every >= 1, f"--track-every {cfg.track_every} must be at least 1"),
-        (cfg.commit_every >= 1, f"--commit-every {cfg.commit_every} must be at least 1"),
+        (cfg.commit_every is None or cfg.commit_every >= 1, f"--commit-every {cfg.commit_every} must be at least 1"),
+        (cfg.commit_seconds > 0, f"--commit-seconds {cfg.commit_seconds} must be positive"),
         (cfg.eval_every is None or cfg.eval_every >= 1, f"--eval-every {cfg.eval_every} must be at least 1"),
         (cfg.subset_ratio is None or 0 < cfg.subset_ratio <= 1, f"--subset-ratio {cfg.subset_ratio} is outside (0, 1]"),
         (cfg.threads is None or cfg.threads >= 1, f"--threads {cfg.threads} must be at least 1"),
@@ -399,7 +401,7 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
     x_members = ds.x_train[members].to(device)
     y_members = ds.y_train[members].to(device)
     member_pos = {int(p): i for i, p in enumerate(members)}
-    track_pos = torch.as_tensor([member_pos[int(p)] for p in track_ids], device=device)
+    track_pos = torch.as_tensor([member_pos[int(p)] for p in track_ids], dtype=torch.long, device=device)
     x_track, y_track = x_members[track_pos], y_members[track_pos]
     x_eval = ds.x_train[eval_ids].to(device)
     y_eval = ds.y_train[eval_ids].to(device)
@@ -409,7 +411,8 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
     rows_written = 0
     last_loss = float("nan")
     timing = {"loop_s": 0.0, "track_s": 0.0, "sink_s": 0.0, "eval_s": 0.0}
-    loop_start = time.perf_counter()
+    loop_start = last_commit_time = time.perf_counter()
+    last_commit_step = start - 1
     try:
         for t in range(start, total):
             t0 = time.perf_counter()
@@ -458,7 +461,9 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
                 "peak_mem_bytes": np.array([_rss_peak_bytes(cfg.device)], dtype=np.int64),
                 "test_accuracy": np.array([test_acc]), "track_s": np.array([track_s]),
             })
-            if (t + 1 - start) % cfg.commit_every == 0 or t == total - 1:
+            due = (t - last_commit_step >= cfg.commit_every if cfg.commit_every
+                   else time.perf_counter() - last_commit_time >= cfg.commit_seconds)
+            if due or t == total - 1:
                 t1 = time.perf_counter()
                 # resume state first: a crash after it but before the commit only repeats steps
                 _atomic_torch_save({"step": t, "model": model.state_dict(), "optimizer": base_opt.state_dict(),
@@ -471,7 +476,8 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
                     if old.name != f"step-{t:08d}.pt":
                         old.unlink(missing_ok=True)
                 buf = _Buffers()
-                timing["sink_s"] += time.perf_counter() - t1
+                last_commit_step, last_commit_time = t, time.perf_counter()
+                timing["sink_s"] += last_commit_time - t1
                 if on_progress:
                     on_progress({"step": t + 1, "total": total, "loss": last_loss, "test_accuracy": test_acc,
                                  "sigma": sigma, "q": q, "delta": cfg.delta})

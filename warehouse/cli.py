@@ -342,7 +342,7 @@ def train(
     track: Annotated[str, typer.Option(help="Points to track: all, N (the first N), or a file of point ids.")] = "all",
     track_every: Annotated[int, typer.Option(help="Record norms every K steps.")] = 1,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate and checkpoint every K steps [default: each epoch].")] = None,
-    commit_every: Annotated[int, typer.Option(help="Commit rows every K steps.")] = 50,
+    commit_every: Annotated[Optional[int], typer.Option(help="Commit rows every K steps [default: every 5 seconds].")] = None,
     n_train: Annotated[Optional[int], typer.Option(help="Use only the first N training points.")] = None,
     n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test points.")] = None,
     subset_ratio: Annotated[Optional[float], typer.Option(help="Train on a random subset (membership recorded).")] = None,
@@ -424,28 +424,32 @@ def ingest_shards(
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="TOML: [base] train options, [grid] lists, optional [[runs]].", show_default=False)],
-    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    workers: Annotated[int, typer.Option(help="Local worker processes (--executor local).")] = 1,
     lake: Annotated[Optional[Path], typer.Option(help="Folder for the runs' Parquet shards [default: lake/ next to the database].")] = None,
+    executor: Annotated[str, typer.Option(help="local: worker processes here; ray: one Ray task per run.")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Address of a running Ray cluster (--executor ray) [default: start a local one]; the lake must be storage every node sees.", show_default=False)] = None,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Train a grid of runs across local processes into a Parquet lake, then merge it into the database."""
+    """Train a grid of runs across local processes or a Ray cluster into a Parquet lake, then merge it into the database."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ingest.shards import ingest_shards as do_merge
-    from ingest.sweep import load_config, run_sweep
+    from ingest.sweep import check_executor, load_config
+    from ingest.sweep import run as run_sweep
 
     from .db import connect, resolve_db_path
     from .output import to_json
 
+    check_executor(executor, workers, address)
     configs = load_config(config)
     db_path = resolve_db_path(db)
     lake_dir = lake or db_path.resolve().parent / "lake"
     connect(db_path).close()  # a bad database path fails now, not after training
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
                   TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json) as bar:
-        task = bar.add_task(f"sweep ({workers} workers)", total=len(configs))
-        results = run_sweep(configs, lake_dir, workers,
+        task = bar.add_task(f"sweep ({workers} workers)" if executor == "local" else "sweep (ray)", total=len(configs))
+        results = run_sweep(configs, lake_dir, executor, workers, address,
                             on_done=lambda r, i, n: bar.update(task, completed=i, description=f"done {r['run_id']}"))
     con = connect(db_path)
     try:
