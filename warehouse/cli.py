@@ -272,6 +272,83 @@ def fit(
 
 
 @app.command()
+def curvature(
+    run: Annotated[str, typer.Option(help="Run whose checkpoints to score.", show_default=False)],
+    checkpoints: Annotated[str, typer.Option(help="all, last, or a comma-separated list of steps.")] = "all",
+    probes: Annotated[int, typer.Option(help="Rademacher probes per point.")] = 10,
+    h: Annotated[float, typer.Option(help="Finite-difference step.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the probes.")] = 0,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Input-loss curvature (Hutchinson trace of the input Hessian) of the run's points at its checkpoints."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.curvature import score_run
+
+    from .db import connect
+    from .output import to_json
+
+    con = connect(db)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json) as bar:
+            task = bar.add_task("curvature", total=None)
+            result = score_run(con, run, checkpoints, probes, h, seed, on_checkpoint=lambda s, i, n: bar.update(
+                task, completed=i, total=n, description=f"curvature at step {s}"))
+    finally:
+        con.close()
+    if json:
+        print(to_json(result))
+        return
+    print(f"{result['run_id']}: scored {result['points']} points at {len(result['checkpoints'])} checkpoints "
+          f"({result['n_probes']} probes, h={result['h']:g}); mean curvature {result['mean_curvature']:.4g}; "
+          f"averages in view point_curvature")
+
+
+@app.command()
+def links(
+    run: Annotated[Optional[list[str]], typer.Option("--run", help="Run(s) to link (repeatable).")] = None,
+    config: Annotated[Optional[str], typer.Option(help="All runs of a config_key or study_key.")] = None,
+    rule: Annotated[str, typer.Option(help="Composition rule of the epsilons.")] = "rdp",
+    k: Annotated[int, typer.Option(help="k of the top-k overlap.")] = 10,
+    by: Annotated[Optional[str], typer.Option(help="Also summarise per group: label or an attribute (e.g. race).")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Per-example epsilon vs curvature, memorization and MIA: correlations, top-k overlap, bound check."""
+    from .db import connect
+    from .links import links as do_links
+    from .output import print_table, records, to_json
+
+    import pyarrow as pa
+
+    fmt = _format(format, json)
+    if fmt == "csv":
+        raise UserError("--format csv: links prints several tables; use table or json")
+    con = connect(db, read_only=True)
+    try:
+        out = do_links(con, run, config, rule, k, by)
+    finally:
+        con.close()
+    tables = {name: out[name] for name in ("pairs", "bound", "per_target_epsilon", "groups", "points")}
+    if fmt == "json":
+        print(to_json({**{k2: v for k2, v in out.items() if k2 not in tables},
+                       **{name: records(pa.Table.from_pandas(t, preserve_index=False)) for name, t in tables.items()}}))
+        return
+    print(f"runs: {', '.join(out['runs'])}; rule {out['rule']}; scores present: {', '.join(out['scores'])}")
+    titles = {"pairs": f"correlations and top-{out['k']} overlap", "bound": "memorization <= 1 - exp(-epsilon)",
+              "per_target_epsilon": "mean scores per target epsilon", "groups": f"per {out['by']}",
+              "points": "per point (highest epsilon first, 20 shown)"}
+    for name, t in tables.items():
+        if t is None or t.empty:
+            continue
+        shown = t.head(20) if name == "points" else t
+        print_table(pa.Table.from_pandas(shown, preserve_index=False), title=titles[name])
+
+
+@app.command()
 def rank(
     run: Annotated[str, typer.Option(help="Run to rank.", show_default=False)],
     lowest: Annotated[Optional[int], typer.Option(help="The N points with the lowest epsilon.")] = None,
@@ -392,6 +469,35 @@ def train(
     acc = f", test accuracy {summary['test_accuracy']:.3f}" if summary.get("test_accuracy") is not None else ""
     print(f"{summary['run_id']}: {summary['status']} after {summary['steps']} steps "
           f"({summary['rows']} point-step rows{', resumed at step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}{acc})")
+
+
+@ingest_app.command("memorization")
+def ingest_memorization(
+    file: Annotated[Path, typer.Argument(help="Feldman-Zhang .npz (tr_mem, tr_labels[, tt_labels]).", show_default=False)],
+    dataset: Annotated[str, typer.Option(help="Dataset the scores index (as in points.dataset).", show_default=False)],
+    index: Annotated[Optional[Path], typer.Option(help="Point id of each position (.npy or text), if the file's order differs.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Name of this set of scores [default: the file name].")] = None,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Import published memorization scores; the index order is the file's own (see --index)."""
+    from ingest.memorization import ingest_memorization as do_ingest
+
+    from .db import connect
+    from .output import to_json
+
+    con = connect(db)
+    try:
+        result = do_ingest(con, file, dataset, index, source)
+    finally:
+        con.close()
+    if json:
+        print(to_json(result))
+    elif result["status"] == "skipped":
+        print(f"{result['path']}: skipped, {result['reason']}")
+    else:
+        print(f"{result['path']}: {result['rows']} memorization scores for dataset {dataset} (source {result['source']}); "
+              "position i is point i of the file's own order")
 
 
 @ingest_app.command("shards")

@@ -171,14 +171,12 @@ def report_frames(con, run_id: str, rule: str = "rdp", k: int = 10) -> RunFrames
                 both = wide[[a, b]].dropna()
                 cells.append({"run_a": a, "run_b": b, "spearman": charts.spearman(both[a], both[b])})
         frames.rank_matrix = pd.DataFrame(cells)
-    curv = _df(con, "SELECT c.point_id, avg(c.curvature) AS curvature FROM curvature c "
-                    "WHERE c.run_id = $run GROUP BY 1", {"run": run_id})
-    if not curv.empty:
-        frames.curvature = eps.merge(curv, on="point_id")
-    mem = _df(con, "SELECT point_id, avg(score) AS memorization FROM memorization WHERE dataset = $ds GROUP BY 1",
-              {"ds": run["dataset"]})
-    if not mem.empty:
-        frames.memorization = eps.merge(mem, on="point_id")
+    linked = _df(con, "SELECT point_id, epsilon, curvature, memorization FROM point_links "
+                      "WHERE run_id = $run AND rule = $rule", {"run": run_id, "rule": rule})
+    if linked.curvature.notna().any():
+        frames.curvature = linked.dropna(subset=["curvature"])[["point_id", "epsilon", "curvature"]]
+    if linked.memorization.notna().any():
+        frames.memorization = linked.dropna(subset=["memorization"])[["point_id", "epsilon", "memorization"]]
     train = _df(con, "SELECT s.run_id, s.step, r.private, s.loss, s.test_accuracy, s.wall_s, s.peak_mem_bytes "
                      "FROM steps s JOIN runs r USING (run_id) WHERE r.dataset = $ds AND "
                      "r.run_id IN (SELECT run_id FROM runs WHERE dataset = $ds ORDER BY run_id = $run DESC, run_id "
@@ -242,7 +240,8 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
                                 "Curvature averaged over the run's checkpoints (Garg et al.; Ravikumar et al.)."))
     if f.memorization is not None:
         sections.append(Section("ε vs memorization", charts.scatter_vs(f.memorization, "memorization"),
-                                "Feldman–Zhang memorization score of each point."))
+                                "Feldman–Zhang memorization: estimated from the run's subset-trained study "
+                                "(P[correct | in] − P[correct | out]), else imported for the dataset."))
     if f.training is not None:
         sections.append(Section("Training curves", charts.training_curves(f.training),
                                 "Loss, test accuracy, step time and peak memory per step; DP and non-DP runs of "

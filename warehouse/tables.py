@@ -119,6 +119,8 @@ curvature = Table(
     Column("curvature", Double),
     Column("n_probes", Integer),
     Column("h", Double),
+    Column("score", Double),
+    Column("seed", Integer),
 )
 
 memorization = Table(

@@ -17,6 +17,7 @@ SQL surface:
   RDP → (ε, δ) as Opacus's ``get_privacy_spent``, from two lists.
 * ``dp_epsilon(sample_rate, noise_multiplier, steps, delta)`` / ``dp_best_order(...)``:
   the data-independent ε of ``steps`` DP-SGD steps (default orders).
+* ``norm_cdf(z)``: the standard normal CDF (DuckDB has no erf), for LiRA's offline test.
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ def _dp(index: int):
     return fn
 
 
+def _norm_cdf(z):
+    from scipy.special import ndtr
+
+    z = _np(z)
+    return _result(ndtr(z), z)
+
+
 def udfs() -> list[Udf]:
     """Every UDF the views and users may call."""
     d = "DOUBLE"
@@ -158,6 +166,7 @@ def udfs() -> list[Udf]:
         Udf("rdp_best_order", _conversion(1), ["DOUBLE[]", "DOUBLE[]", d], d),
         Udf("dp_epsilon", _dp(0), [d, d, "BIGINT", d], d),
         Udf("dp_best_order", _dp(1), [d, d, "BIGINT", d], d),
+        Udf("norm_cdf", _norm_cdf, [d], d),
     ]
 
 

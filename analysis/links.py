@@ -1,0 +1,85 @@
+r"""Summary statistics linking per-example privacy, memorization and input curvature,
+as reported by Ravikumar et al., "Unveiling Privacy, Memorization, and Input
+Curvature Links" (ICML 2024) and Garg et al., "Memorization Through the Lens of
+Curvature of Loss Function Around Samples" (ICML 2024).
+
+* rank (Spearman) and linear (Pearson) correlation and cosine similarity between
+  each pair of per-example scores, over the points that have both;
+* top-k overlap: |top_k(a) ∩ top_k(b)| / k, the share of the k highest-scoring
+  points two scores agree on;
+* the bound check of Ravikumar et al.: for an (ε, δ)-DP learner, P[correct | in] ≤
+  e^ε P[correct | out] + δ, so mem = P_in − P_out ≤ 1 − e^{−ε} + δ e^{−ε}; the fraction of
+  points whose estimated memorization respects it at their per-example ε;
+* per-group summaries (mean / median / max) by class or attribute.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def _both(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    return a[keep], b[keep]
+
+
+def cosine(a, b) -> float:
+    a, b = _both(a, b)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def topk_overlap(a, b, k: int) -> float:
+    """Share of the k highest points of ``a`` that are among the k highest of ``b``
+    (points missing either score are left out first; ties broken by position)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.flatnonzero(np.isfinite(a) & np.isfinite(b))
+    if k < 1 or keep.size == 0:
+        return float("nan")
+    k = min(k, keep.size)
+    top_a = set(keep[np.argsort(-a[keep], kind="stable")[:k]])
+    top_b = set(keep[np.argsort(-b[keep], kind="stable")[:k]])
+    return len(top_a & top_b) / k
+
+
+def pair_stats(df: pd.DataFrame, columns: list[str], k: int = 10) -> pd.DataFrame:
+    """One row per pair of score columns: n, Spearman, Pearson, cosine, top-k overlap."""
+    rows = []
+    for x, y in itertools.combinations(columns, 2):
+        a, b = _both(df[x], df[y])
+        n = len(a)
+        enough = n >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0
+        rows.append({
+            "a": x, "b": y, "n": n,
+            "spearman": float(stats.spearmanr(a, b).statistic) if enough else float("nan"),
+            "pearson": float(stats.pearsonr(a, b).statistic) if enough else float("nan"),
+            "cosine": cosine(a, b),
+            "topk_overlap": topk_overlap(df[x], df[y], k),
+            "k": min(k, n),
+        })
+    return pd.DataFrame(rows, columns=["a", "b", "n", "spearman", "pearson", "cosine", "topk_overlap", "k"])
+
+
+def bound_check(memorization, epsilon, delta: float = 0.0) -> dict:
+    """Fraction of points with mem <= 1 - exp(-eps) + delta exp(-eps) (Ravikumar et al.)."""
+    mem, eps = _both(memorization, epsilon)
+    if mem.size == 0:
+        return {"n": 0, "fraction_within_bound": float("nan"), "max_excess": float("nan")}
+    bound = -np.expm1(-eps) + delta * np.exp(-eps)
+    return {"n": int(mem.size), "fraction_within_bound": float(np.mean(mem <= bound + 1e-12)),
+            "max_excess": float(np.max(mem - bound))}
+
+
+def group_summary(df: pd.DataFrame, by: str, columns: list[str]) -> pd.DataFrame:
+    """Mean, median and max of each score per group (class label or attribute value)."""
+    present = [c for c in columns if c in df and df[c].notna().any()]
+    g = df.groupby(by, dropna=True)[present]
+    out = g.agg(["mean", "median", "max"])
+    out.columns = [f"{c}_{s}" for c, s in out.columns]
+    out.insert(0, "n", g.size())
+    return out.reset_index().rename(columns={by: "group"})

@@ -1,0 +1,88 @@
+"""``dpledger ingest memorization FILE.npz --dataset NAME``: Feldman-Zhang scores.
+
+The published files (Feldman & Zhang, NeurIPS 2020) hold ``tr_mem`` (memorization
+score per training example), ``tr_labels`` and optionally ``tt_labels`` and
+influence arrays. Their order is the file's own: position i is point i of the
+dataset's training split *as the file's authors indexed it*, which matches
+dpledger's point ids only when both use the dataset's original training order. Give
+``--index FILE`` (a .npy or one-id-per-line text file: the dpledger point id of each
+position) when they differ. Where ``points`` holds labels for the dataset, every
+label is checked, so a shuffled order is caught rather than silently joined.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from warehouse.errors import UserError
+
+from . import load
+from .readers import file_sha256
+
+KIND = "memorization"
+
+
+def _index(path: Path, n: int) -> np.ndarray:
+    if not path.exists():
+        raise UserError(f"{path}: no such index file")
+    try:
+        ids = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: not an index file of integer point ids ({str(exc).splitlines()[0]})") from None
+    ids = np.asarray(ids).ravel()
+    if ids.shape[0] != n:
+        raise UserError(f"{path}: {ids.shape[0]} ids for {n} scores")
+    if not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise UserError(f"{path}: point ids must be non-negative integers")
+    if len(np.unique(ids)) != n:
+        raise UserError(f"{path}: a point id appears twice")
+    return ids.astype(np.int64)
+
+
+def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path | None = None,
+                        source: str | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if "tr_mem" not in keys:
+                raise UserError(f"{path}: no array 'tr_mem' (the file has: {', '.join(sorted(keys)) or 'nothing'})")
+            mem = np.asarray(npz["tr_mem"], dtype=np.float64).ravel()
+            labels = np.asarray(npz["tr_labels"]).ravel() if "tr_labels" in keys else None
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+    bad = np.flatnonzero(~np.isfinite(mem))
+    if bad.size:
+        raise UserError(f"{path}: tr_mem[{bad[0]}] is {mem[bad[0]]}")
+    if labels is not None and labels.shape[0] != mem.shape[0]:
+        raise UserError(f"{path}: tr_labels has {labels.shape[0]} entries but tr_mem {mem.shape[0]}")
+    ids = _index(Path(index), len(mem)) if index is not None else np.arange(len(mem), dtype=np.int64)
+    source = source or path.stem
+    sha = file_sha256(path)
+    with load.transaction(con):
+        seen = load.find_ingest(con, sha, KIND, f"{dataset}:{source}")
+        if seen is not None:
+            return {"path": str(path), "status": "skipped", "reason": f"already ingested on {seen['ingested_at']}",
+                    "rows": 0, "dataset": dataset}
+        if labels is not None:
+            known = con.sql("SELECT point_id, label FROM points WHERE dataset = $ds AND label IS NOT NULL",
+                            params={"ds": dataset}).fetchnumpy()
+            if len(known["point_id"]):
+                lookup = dict(zip(known["point_id"].tolist(), known["label"].tolist()))
+                for pos, (pid, lab) in enumerate(zip(ids.tolist(), labels.tolist())):
+                    if pid in lookup and lookup[pid] != int(lab):
+                        raise UserError(f"{path}: position {pos} (point {pid}) has label {int(lab)} but dataset "
+                                        f"'{dataset}' has {lookup[pid]}: the file's order differs from the "
+                                        "dataset's; give --index")
+        con.execute("DELETE FROM memorization WHERE dataset = ? AND source = ?", [dataset, source])
+        rows = pa.table({"dataset": pa.array([dataset] * len(ids), pa.string()), "point_id": ids,
+                         "score": mem, "source": pa.array([source] * len(ids), pa.string())})
+        load.append_rows(con, "memorization", rows)
+        load.record_ingest(con, sha, KIND, f"{dataset}:{source}", str(path), len(ids), [])
+    return {"path": str(path), "status": "ingested", "rows": int(len(ids)), "dataset": dataset, "source": source}
