@@ -195,8 +195,24 @@ def _check_current(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         )
 
 
+def _user_agent() -> str | None:
+    """The user agent duckdb-engine gives its connections. DuckDB refuses a second
+    connection to a file in one process with a different configuration, so
+    ``connect`` uses the same one and a notebook can hold both at once."""
+    try:
+        import sqlalchemy
+        from duckdb_engine import __version__
+    except ImportError:
+        return None
+    return f"duckdb_engine/{__version__}(sqlalchemy/{sqlalchemy.__version__})"
+
+
 def _open(db_path: Path, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
     from .udfs import register_udfs
+
+    agent = _user_agent()
+    if agent and "custom_user_agent" not in config:
+        config = {**config, "custom_user_agent": agent}
 
     try:
         con = duckdb.connect(str(db_path), read_only=read_only, config=config)

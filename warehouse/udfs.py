@@ -171,13 +171,21 @@ def udfs() -> list[Udf]:
 
 
 def register_udfs(con) -> None:
+    import duckdb
+
     for udf in udfs():
-        con.create_function(
-            udf.name,
-            udf.function,
-            udf.parameters,
-            udf.return_type,
-            type="arrow",
-            null_handling="special",
-            side_effects=False,
-        )
+        try:
+            con.create_function(
+                udf.name,
+                udf.function,
+                udf.parameters,
+                udf.return_type,
+                type="arrow",
+                null_handling="special",
+                side_effects=False,
+            )
+        except duckdb.CatalogException as exc:
+            # Connections to one file in one process share its database instance, whose
+            # catalog already has the functions when another connection registered them.
+            if "already exists" not in str(exc):
+                raise
