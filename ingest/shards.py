@@ -16,6 +16,7 @@ sha256) are skipped, so merging twice changes nothing.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from warehouse.errors import UserError
 
 from . import load
-from .readers import file_sha256
+from .readers import Source, file_sha256, float_column, int_column
 
 REQUIRED = {
     "point_steps": {"step", "point_id", "grad_norm"},
@@ -44,7 +45,32 @@ def _read(path: Path, required: set[str]) -> pa.Table:
     if missing:
         raise UserError(f"{path}: wrong schema, missing column{'s' if len(missing) > 1 else ''} "
                         f"{', '.join(missing)}")
+    if "grad_norm" in table.column_names:  # the same checks as any ingested file
+        src = Source(path, "parquet")
+        float_column(table, "grad_norm", src, nonnegative=True, what="gradient norm")
+        int_column(table, "step", src, minimum=0, what="step")
+        int_column(table, "point_id", src, minimum=0, what="point id")
     return table
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+
+
+@dataclass(frozen=True)
+class _Shards(load.Source):
+    """The shards of one table of a run, merged as one table: a row is named by its file."""
+
+    parts: tuple = ()  # (path, index of its first row in the merged table), in order
+
+    def at(self, row_index: int | None = None, column: str | None = None) -> str:
+        if row_index is None or not self.parts:
+            return super().at(row_index, column)
+        path, first = next((p, i) for p, i in reversed(self.parts) if i <= row_index)
+        return load.Source(path, "parquet").at(row_index - first, column)
 
 
 def _runs(lake: Path) -> list[Path]:
@@ -63,11 +89,7 @@ def plan(lake: str | Path) -> list[dict]:
         manifest_path = d / "manifest.json"
         if not manifest_path.exists():
             continue  # a run that never committed anything
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            run = json.loads((d / "run.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{d}: unreadable run.json or manifest.json ({exc})") from None
+        manifest, run = _read_json(manifest_path), _read_json(d / "run.json")
         if run.get("run_id") != d.name.split("=", 1)[1]:
             raise UserError(f"{d / 'run.json'}: run_id {run.get('run_id')!r} does not match its folder")
         files = []
@@ -112,6 +134,7 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
                 finally:
                     con.unregister("_lake_membership")
             new: dict[str, list[pa.Table]] = {}
+            paths: dict[str, list[Path]] = {}
             skipped = 0
             for f in item["files"]:
                 sha = file_sha256(f["path"])
@@ -123,11 +146,15 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
                     rows = rows.drop(["run_id"])
                 rows = rows.add_column(0, "run_id", pa.array([run_id] * rows.num_rows, pa.string()))
                 new.setdefault(f["table"], []).append(rows)
+                paths.setdefault(f["table"], []).append(f["path"])
                 load.record_ingest(con, sha, f"{KIND}:{f['table']}", run_id, str(f["path"]), rows.num_rows, [run_id])
             counts = {}
             for table, parts in new.items():
                 merged = pa.concat_tables(parts, promote_options="default")
-                src = load.Source(item["dir"] / table, "parquet")
+                starts = [0]
+                for part in parts[:-1]:
+                    starts.append(starts[-1] + part.num_rows)
+                src = _Shards(item["dir"] / table, "parquet", tuple(zip(paths[table], starts)))
                 if table in ("point_steps", "evaluations"):
                     counts[table] = load.insert_facts(con, table, merged, src)
                 else:

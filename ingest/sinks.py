@@ -40,21 +40,36 @@ def safe_run_id(run_id: str) -> str:
     return run_id
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # best effort: the disk may be what is failing
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)  # a failed write (disk full) leaves no half-written temporary file behind
+        raise
 
 
 def _atomic_write_parquet(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 class DuckDBSink:
@@ -147,8 +162,23 @@ class ShardSink:
             if self.manifest(run["run_id"]) is None:
                 self._write_manifest(run["run_id"], {"run_id": run["run_id"], "committed_step": None,
                                                      "status": "running", "shards": []})
+            self._drop_uncommitted(run["run_id"])
         except OSError as exc:
             raise UserError(f"cannot write to the lake folder {d}: {exc.strerror or exc}") from None
+
+    def _drop_uncommitted(self, run_id: str) -> None:
+        """Remove what a writer killed mid-commit left in the run's folder: temporary files,
+        and shards renamed into place that the manifest never listed (a reader globbing the
+        lake would count their rows; the resumed run writes those steps again, possibly
+        under another worker's name)."""
+        d = self.run_dir(run_id)
+        listed = {info["path"] for shard in self.manifest(run_id)["shards"] for info in shard["files"].values()}
+        stale = list(d.glob(".*.tmp"))
+        for name in TABLES:
+            stale += [p for p in (d / name).glob("*") if f"{name}/{p.name}" not in listed
+                      and (p.name.endswith(".tmp") or p.name.startswith("part-"))]
+        for p in stale:
+            p.unlink(missing_ok=True)
 
     def _write_manifest(self, run_id: str, manifest: dict) -> None:
         _atomic_write_bytes(self.run_dir(run_id) / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -171,12 +201,17 @@ class ShardSink:
             manifest["committed_step"] = step
             self._write_manifest(run_id, manifest)
         except OSError as exc:
+            for info in shard["files"].values():  # renamed into place, but the commit did not happen
+                _remove(d / info["path"])
             raise UserError(f"cannot write shards to {d}: {exc.strerror or exc}") from None
 
     def finish(self, run_id: str, status: str) -> None:
         manifest = self.manifest(run_id)
         manifest["status"] = status
-        self._write_manifest(run_id, manifest)
+        try:
+            self._write_manifest(run_id, manifest)
+        except OSError as exc:
+            raise UserError(f"cannot write {self.run_dir(run_id) / 'manifest.json'}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         pass

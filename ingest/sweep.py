@@ -22,6 +22,9 @@ Each worker writes Parquet shards into the lake (``--lake``, default ``lake/`` n
 to the database); when all runs are done the lake is merged into the database.
 Runs already finished in the lake are skipped and incomplete ones resumed, so a
 sweep can simply be run again after a crash.
+
+``run(..., executor="ray")`` runs each config as a Ray task instead
+(:mod:`ingest.ray_executor`), on a local cluster or on one at ``address``.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def expand(config: dict, where: str = "sweep config") -> list[TrainConfig]:
     prefix = base.pop("run", None)
     rows: list[tuple[dict, list[str]]] = []
     keys = list(grid)
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    # no [grid]: product() of nothing is one empty combo, which is a run only if there are no [[runs]] either
+    for combo in itertools.product(*(grid[k] for k in keys)) if keys or not explicit else ():
         rows.append(({**base, **dict(zip(keys, combo))}, [_name_part(k, v) for k, v in zip(keys, combo)]))
     for i, row in enumerate(explicit):
         if not isinstance(row, dict):
@@ -117,7 +121,7 @@ def _task(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
         return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
     try:
         return train(cfg, sink, resume=sink.run_exists(cfg.run))
-    except UserError as exc:
+    except (UserError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
         return {"run_id": cfg.run, "status": "failed", "error": str(exc)}
 
 
@@ -151,4 +155,38 @@ def run_sweep(configs: list[TrainConfig], lake: str | Path, workers: int = 1,
     return sorted(results, key=lambda r: order.get(r["run_id"], 0))
 
 
-__all__ = ["expand", "load_config", "run_sweep"]
+EXECUTORS = ("local", "ray")
+
+
+def check_executor(executor: str, workers: int = 1, address: str | None = None) -> None:
+    """Refuse a bad --executor / --workers / --address combination before anything is written."""
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor {executor}: expected one of {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1")
+    if executor == "local" and address is not None:
+        raise UserError("--address is the address of a Ray cluster: use it with --executor ray")
+    if executor == "ray":
+        if workers != 1:
+            raise UserError(f"--workers {workers} is for --executor local; with Ray every run is a task and "
+                            "the cluster runs as many at once as it has CPUs")
+        from .ray_executor import _import_ray, parse_address
+
+        _import_ray()  # Ray not installed: say so now
+        if address is not None:
+            parse_address(address)  # HOST:PORT, auto or ray://...; whether it answers is checked on connecting
+
+
+def run(configs: list[TrainConfig], lake: str | Path, executor: str = "local", workers: int = 1,
+        address: str | None = None, on_done: Callable[[dict, int, int], None] | None = None) -> list[dict]:
+    """Run a sweep on an executor: ``local`` (``workers`` processes) or ``ray`` (one Ray task per run;
+    ``address`` names a running cluster, none starts a local one)."""
+    check_executor(executor, workers, address)
+    if executor == "ray":
+        from .ray_executor import run_sweep_ray
+
+        return run_sweep_ray(configs, lake, address=address, on_done=on_done)
+    return run_sweep(configs, lake, workers, on_done=on_done)
+
+
+__all__ = ["EXECUTORS", "check_executor", "expand", "load_config", "run", "run_sweep"]

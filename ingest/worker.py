@@ -204,9 +204,19 @@ def _rss_peak_bytes(device: str) -> int:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    """Save to a temporary name, then rename; a failed write (disk full, permissions)
+    is one clear error and leaves no partial file (torch reports it as RuntimeError)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise UserError(f"cannot write {path}: {detail}") from None
 
 
 @dataclass

@@ -39,7 +39,7 @@ def make_run(db, run, norms: np.ndarray, *, q=0.01, sigma=1.0, C=1.0, steps=None
 
 
 def eps_table(db, run, rule="rdp"):
-    con = duckdb.connect(str(db), read_only=True)
+    con = warehouse.connect(db, read_only=True)  # same configuration as connections the test holds open
     try:
         return con.execute("SELECT point_id, epsilon, best_order, steps_covered, exact FROM point_epsilon "
                            "WHERE run_id = ? AND rule = ? ORDER BY point_id", [run, rule]).df()

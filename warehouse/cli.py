@@ -144,6 +144,7 @@ def query(
     ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
     allow_files: Annotated[bool, typer.Option("--allow-files", help="Let the SQL read files (read_csv, read_parquet, ...).")] = False,
+    lake: Annotated[Optional[Path], typer.Option(help="Query a Parquet lake in place (with the database's rows, if any).")] = None,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -158,7 +159,7 @@ def query(
             raise UserError(f"-p {p}: give a parameter as -p name value or -p name=value")
         pairs.append((name, value))
     fmt = _format(format, json)
-    table = run_query(sql, parse_params(pairs), db, allow_files=allow_files)
+    table = run_query(sql, parse_params(pairs), db, allow_files=allow_files, lake=lake)
     emit(table, fmt)
 
 
@@ -191,6 +192,10 @@ def account(
     grid: Annotated[int, typer.Option(help="Cells of r = s/C for the tabulated fast path.")] = 1024,
     legacy_scaling: Annotated[bool, typer.Option("--legacy-scaling", help="gla: the study's scaling (clipped norm / batch size), to reproduce its numbers.")] = False,
     fill: Annotated[str, typer.Option(help="Per-step ratios between recorded steps: step (hold last), linear, pchip, offset or nn.")] = "step",
+    lake: Annotated[Optional[Path], typer.Option(help="Compose over a Parquet lake in place; results go to the database.")] = None,
+    executor: Annotated[str, typer.Option(help="With --lake: local, or ray (one task per run).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (with --executor ray).")] = None,
+    memory_limit: Annotated[str, typer.Option(help="With --lake: DuckDB memory limit before spilling.")] = "4GB",
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -201,19 +206,32 @@ def account(
     from .db import connect
     from .output import records, to_json
 
-    con = connect(db)
+    if lake is not None:
+        import tempfile
+
+        from ingest.lake_account import account_lake
+
+        with tempfile.TemporaryDirectory(prefix="dpledger-spill-") as spill:
+            summaries = account_lake(lake, db, run, executor=executor, address=address, memory_limit=memory_limit,
+                                     temp_directory=spill, rule=rule, delta=delta, exact=exact, grid=grid,
+                                     legacy_scaling=legacy_scaling, fill=fill)
+        con = None
+    else:
+        con = connect(db)
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
-                      TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json) as bar:
+                      TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json or con is None) as bar:
             task = bar.add_task(f"accounting ({rule})", total=None)
 
             def on_run(name: str, i: int, n: int) -> None:
                 bar.update(task, description=f"accounting {name} ({rule})", completed=i, total=n)
 
-            summaries = do_account(con, run, rule=rule, delta=delta, exact=exact, grid=grid,
-                                   legacy_scaling=legacy_scaling, on_run=on_run, fill=fill)
+            if con is not None:
+                summaries = do_account(con, run, rule=rule, delta=delta, exact=exact, grid=grid,
+                                       legacy_scaling=legacy_scaling, on_run=on_run, fill=fill)
     finally:
-        con.close()
+        if con is not None:
+            con.close()
     if json:
         print(to_json(summaries))
         return
@@ -533,7 +551,7 @@ def sweep(
     workers: Annotated[int, typer.Option(help="Local worker processes (--executor local).")] = 1,
     lake: Annotated[Optional[Path], typer.Option(help="Folder for the runs' Parquet shards [default: lake/ next to the database].")] = None,
     executor: Annotated[str, typer.Option(help="local: worker processes here; ray: one Ray task per run.")] = "local",
-    address: Annotated[Optional[str], typer.Option(help="Address of a running Ray cluster (--executor ray) [default: start a local one]; the lake must be storage every node sees.", show_default=False)] = None,
+    address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster (--executor ray); without it a local one is started. The lake must be storage every node sees.", show_default=False)] = None,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:

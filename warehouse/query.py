@@ -38,13 +38,19 @@ def run_query(
     params: dict | None = None,
     path: str | os.PathLike | None = None,
     allow_files: bool = False,
+    lake: str | os.PathLike | None = None,
 ) -> pa.Table:
     """Run ``sql`` on a read-only connection, binding ``params`` ($name in the SQL).
 
     Writes fail (DuckDB read-only access mode); reading or writing other files from
-    the SQL is refused unless ``allow_files``.
+    the SQL is refused unless ``allow_files``. With ``lake`` the tables are views over
+    the lake's committed shards (plus the database, if it exists), and only the
+    lake's folder is readable.
     """
-    con = connect(path, read_only=True, external_access=allow_files)
+    if lake is not None:
+        con = _lake_connection(lake, path, allow_files)
+    else:
+        con = connect(path, read_only=True, external_access=allow_files)
     try:
         try:
             relation = con.sql(sql, params=params or None)
@@ -57,9 +63,25 @@ def run_query(
         con.close()
 
 
+def _lake_connection(lake, path, allow_files: bool):
+    from pathlib import Path
+
+    from .db import resolve_db_path
+    from .lake import connect_lake
+
+    db_path = resolve_db_path(path)
+    con = connect_lake(lake, db_path if db_path.exists() else None)
+    if not allow_files:
+        # the views read the lake's files; user SQL may read nothing else
+        folder = str(Path(lake).resolve()) + "/"
+        con.execute("SET allowed_directories = [?]", [folder])
+        con.execute("SET enable_external_access = false")
+    return con
+
+
 def _query_error(exc: duckdb.Error) -> str:
     first = str(exc).splitlines()[0]
-    if "read-only mode" in first:
+    if "read-only mode" in first or "read_only" in first.lower():
         return f"query: the database is open read-only; write statements are refused ({first})"
     if "file system operations are disabled" in first or "external access" in first.lower():
         return f"query: reading or writing files from SQL is off; pass --allow-files to allow it ({first})"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import charts, rdp
+from analysis import charts, grid, rdp
 from analysis.report import Section, write_report
 
 from .errors import UserError
@@ -73,12 +73,11 @@ def cumulative_epsilon(con, run: dict, point_ids: list[int]) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def _cumulative_from_dense(run: dict, ratios: np.ndarray, point_ids, every: int) -> pd.DataFrame:
+def _cumulative_from_dense(run: dict, ratios: np.ndarray, point_ids, every: int, table) -> pd.DataFrame:
     orders = np.asarray(rdp.DEFAULT_ORDERS)
     out = []
     for pid, r in zip(point_ids, ratios):
-        uniq, inv = np.unique(r, return_inverse=True)
-        per_step = rdp.rdp_of_sensitivity(run["sample_rate"], run["noise_multiplier"], uniq, orders)[inv.ravel()]
+        per_step = grid.interpolate(table, r)  # the fast path's chords: a dense fill has a new ratio every step
         curve = np.cumsum(per_step, axis=0)[every - 1::every]
         eps, _ = rdp.epsilon_from_rdp(curve, run["delta"], orders)
         out.append(pd.DataFrame({"point_id": pid, "step": np.arange(every, len(r) + 1, every), "cumulative_cost": eps}))
@@ -97,13 +96,14 @@ def fitted_curves(con, run: dict, groups: dict[str, list[int]], methods=("linear
     index = {int(p): i for i, p in enumerate(pids)}
     n_steps = int(run["steps"])
     every = max(1, n_steps // 400)  # ~400 points per curve
+    table = grid.tabulate(run["sample_rate"], run["noise_multiplier"])
     parts = []
     for method in methods:
         f = fits.fit(method, steps, values)
         for group, ids in groups.items():
             rows = [index[p] for p in ids if p in index]
             dense = f.fill(n_steps, points=np.asarray(rows, dtype=np.int64))
-            parts.append(_cumulative_from_dense(run, dense, [int(pids[i]) for i in rows], every)
+            parts.append(_cumulative_from_dense(run, dense, [int(pids[i]) for i in rows], every, table)
                          .assign(group=group, kind=method))
     return pd.concat(parts, ignore_index=True)
 

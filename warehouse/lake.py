@@ -1,0 +1,152 @@
+"""A Parquet lake queried in place: the warehouse's tables and views over the committed
+shards of ``lake/run_id=<id>/``, without loading them into a DuckDB file.
+
+:func:`connect_lake` returns an in-memory DuckDB connection with the full schema and
+UDFs, where ``point_steps``, ``steps``, ``evaluations``, ``checkpoints``, ``points``
+and ``membership`` are views over ``read_parquet([...], hive_partitioning = true)``
+of the files each run's ``manifest.json`` lists (a file the manifest does not list —
+a writer killed mid-commit — is never read), ``runs`` holds the runs' ``run.json``,
+and every view of ``sql/views`` (``point_epsilon_sql``, ``mia_score``, ...) runs over
+them. ``dpledger account --lake`` composes per-example ε over the lake the same way.
+DuckDB streams Parquet, so scans run out of core; ``memory_limit`` and
+``temp_directory`` bound what joins and sorts may hold in memory before spilling.
+
+With ``db`` the warehouse file is attached read-only and its rows are added to the
+lake's (a run in both is read from the lake).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+
+from .db import _open, upgrade
+from .errors import UserError
+
+FACT_COLUMNS = {
+    "point_steps": ["run_id", "step", "point_id", "grad_norm", "norm_clipped", "loss", "sampled"],
+    "steps": ["run_id", "step", "epoch", "batch_size", "loss", "lr", "wall_s", "peak_mem_bytes", "test_accuracy",
+              "track_s"],
+    "evaluations": ["run_id", "step", "point_id", "loss", "correct", "margin", "confidence_logit"],
+    "checkpoints": ["run_id", "step", "path"],
+}
+RUN_FILES = {
+    "points": ["dataset", "point_id", "label", "split", "attrs", "thumbnail"],
+    "membership": ["run_id", "point_id", "in_train"],
+}
+RUN_COLUMNS = ["run_id", "dataset", "model", "seed", "n_train", "sample_rate", "batch_size", "noise_multiplier",
+               "max_grad_norm", "lr", "epochs", "steps", "delta", "target_epsilon", "private", "status", "source",
+               "run_dir", "committed_step"]
+
+
+def lake_runs(lake: str | os.PathLike) -> list[dict]:
+    """Each committed run of the lake: its run.json, manifest and committed files."""
+    lake = Path(lake)
+    if not lake.is_dir():
+        raise UserError(f"{lake}: no such lake folder")
+    runs = []
+    for d in sorted(p for p in lake.iterdir() if p.is_dir() and p.name.startswith("run_id=")):
+        if not (d / "manifest.json").exists() or not (d / "run.json").exists():
+            continue
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+            run = json.loads((d / "run.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{d}: unreadable run.json or manifest.json ({exc})") from None
+        files: dict[str, list[str]] = {t: [] for t in FACT_COLUMNS}
+        for shard in manifest.get("shards", []):
+            for table, info in shard.get("files", {}).items():
+                if table in files:
+                    files[table].append(str(d / info["path"]))
+        for table in RUN_FILES:
+            if (d / f"{table}.parquet").exists():
+                files[table] = [str(d / f"{table}.parquet")]
+        runs.append({"dir": d, "run": run, "manifest": manifest, "files": files})
+    return runs
+
+
+def _columns(files: list[str]) -> set[str]:
+    """Columns the files have (a shard written without an optional column lacks it);
+    with ``hive_partitioning`` the run_id of the folder name is always there."""
+    import pyarrow.parquet as pq
+
+    names = {"run_id"}
+    for f in {files[0], files[-1]}:
+        names.update(pq.read_schema(f).names)
+    return names
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *,
+                 memory_limit: str | None = None, temp_directory: str | os.PathLike | None = None,
+                 threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory warehouse whose data tables are views over the lake (see the module doc)."""
+    runs = lake_runs(lake)
+    config = {}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    if temp_directory:
+        config["temp_directory"] = str(temp_directory)
+    if threads:
+        config["threads"] = threads
+    con = _open(Path(":memory:"), False, config)
+    try:
+        upgrade(con)  # the schema, in memory
+        attached = False
+        if db is not None:
+            if not Path(db).exists():
+                raise UserError(f"no dpledger database at {db}")
+            con.execute(f"ATTACH '{str(db).replace(chr(39), chr(39) * 2)}' AS wh (READ_ONLY)")
+            attached = True
+        lake_ids = [r["run"]["run_id"] for r in runs]
+        views = {}
+        for table, cols in {**FACT_COLUMNS, **RUN_FILES}.items():
+            files = [f for r in runs for f in r["files"].get(table, [])]
+            parts = []
+            if files:
+                present = _columns(files)
+                types = dict(con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
+                    [table]).fetchall())
+                select = [c if c in present else f"CAST(NULL AS {types[c]}) AS {c}" for c in cols]
+                parts.append(f"SELECT {', '.join(select)} FROM read_parquet({_sql_list(files)}, "
+                             f"hive_partitioning = true, union_by_name = true)")
+            if attached:
+                skip = "" if table == "points" else " WHERE run_id NOT IN (SELECT unnest($lake_runs))"
+                parts.append(f"SELECT {', '.join(cols)} FROM wh.main.{table}{skip}")
+            if parts:
+                views[table] = " UNION ALL ".join(parts)
+        con.execute("BEGIN TRANSACTION")
+        for table, sql in views.items():
+            if table == "points":  # every run stores its dataset's points: one row each, with a thumbnail if any has
+                sql = (f"SELECT DISTINCT ON (dataset, point_id) * FROM ({sql}) "
+                       f"ORDER BY dataset, point_id, thumbnail IS NULL")
+            con.execute(f"DROP TABLE main.{table}")
+            con.execute(f"CREATE VIEW main.{table} AS {sql.replace('$lake_runs', _sql_str_list(lake_ids))}")
+        for r in runs:
+            row = {c: r["run"].get(c) for c in RUN_COLUMNS}
+            row["status"] = r["manifest"].get("status", row.get("status"))
+            row["committed_step"] = r["manifest"].get("committed_step")
+            cols = [c for c in RUN_COLUMNS if row.get(c) is not None]
+            con.execute(f"INSERT INTO runs ({', '.join(cols)}, config) VALUES ({', '.join('?' for _ in cols)}, ?)",
+                        [row[c] for c in cols] + [json.dumps(r["run"].get("config") or {})])
+        if attached:
+            con.execute("INSERT INTO runs SELECT * FROM wh.main.runs WHERE run_id NOT IN (SELECT run_id FROM runs)")
+        con.execute("UPDATE runs SET config_key = run_config_key(dataset, model, sample_rate, noise_multiplier, "
+                    "max_grad_norm, steps)")
+        con.execute("COMMIT")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _sql_str_list(values: list[str]) -> str:
+    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]::VARCHAR[]" if values \
+        else "[]::VARCHAR[]"
