@@ -120,6 +120,8 @@ def _task(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
     if manifest is not None and manifest.get("status") == "finished":
         return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
     try:
+        if cfg.run_dir is None:  # checkpoints and resume state live with the run's shards
+            cfg.run_dir = str(sink.run_dir(cfg.run))
         return train(cfg, sink, resume=sink.run_exists(cfg.run))
     except (UserError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
         return {"run_id": cfg.run, "status": "failed", "error": str(exc)}
