@@ -10,7 +10,8 @@ with a memory limit and a spill directory) in a child process whose peak memory
 
     python bench/scale.py [--sizes 100M,1B] [--points 20000] [--lake DIR] [--keep]
 
-The throughput of a 4-task Ray sweep against 1 task is in bench/scale_ray.py.
+Then runs bench/scale_ray.py: the throughput of a 4-task local Ray sweep against the
+same sweep in 1 task (``--no-ray`` skips it).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=20_000)
     ap.add_argument("--lake", type=Path, default=None, help="lake folder [default: a temporary one]")
     ap.add_argument("--keep", action="store_true", help="keep the generated lake")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray sweep comparison")
     args = ap.parse_args()
     sizes = {"100M": 100_000_000, "1B": 1_000_000_000}
     root = args.lake or Path(tempfile.mkdtemp(prefix="dpledger-lake-"))
@@ -122,6 +124,11 @@ def main() -> None:
     finally:
         if not args.keep and args.lake is None:
             shutil.rmtree(root, ignore_errors=True)
+    if not args.no_ray:
+        import subprocess
+
+        print("Ray: 4 runs as 4 tasks vs 1 task (bench/scale_ray.py)", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("scale_ray.py"))], check=False)
 
 
 if __name__ == "__main__":

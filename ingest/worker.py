@@ -22,6 +22,7 @@ import json
 import math
 import os
 import resource
+import socket
 import time
 import uuid
 import warnings
@@ -345,6 +346,7 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     key = dataset_key(cfg)
     config = {"train": asdict(cfg), "noise_multiplier_resolved": sigma, "steps_per_epoch": steps_per_epoch,
+              "worker": {"host": socket.gethostname(), "pid": os.getpid()},
               "tracked_points": int(len(track_ids)), "dataset_source": ds.source, "torch_threads": torch_threads}
     run_row = {
         "run_id": run_id, "dataset": key, "model": cfg.model, "seed": cfg.seed, "n_train": n, "sample_rate": q,

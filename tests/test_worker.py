@@ -231,3 +231,21 @@ def test_subset_runs_record_membership(db, cli):
     assert _q(db, "SELECT count(DISTINCT point_id) FROM point_steps") == [(members,)]
     assert _q(db, "SELECT bool_and(m.in_train) FROM point_steps ps JOIN membership m USING (run_id, point_id)") == [(True,)]
     assert _q(db, "SELECT count(DISTINCT point_id) FROM evaluations") == [(200,)]
+
+
+def test_a_killed_run_is_listed_as_incomplete(db, cli):
+    import json
+
+    import warehouse
+
+    r = cli("train", *SMALL, "--model", "logreg", "--noise-multiplier", "1.0", "--epochs", "1", "--track", "3",
+            "--run", "r", "--db", db)
+    assert r.rc == 0
+    con = warehouse.connect(db)
+    (config,) = con.execute("SELECT config FROM runs").fetchall()[0]
+    config = json.loads(config)
+    assert config["worker"]["pid"] == os.getpid()
+    config["worker"]["pid"] = 2**22 + 12345  # no such process
+    con.execute("UPDATE runs SET status = 'running', config = ?", [json.dumps(config)])
+    con.close()
+    assert cli("runs", "--db", db, "--json").json()[0]["status"] == "incomplete"

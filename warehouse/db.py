@@ -235,6 +235,7 @@ def connect(
     *,
     external_access: bool = True,
     config: dict | None = None,
+    lake: str | os.PathLike | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open the warehouse with its schema current and the project's UDFs registered.
 
@@ -242,7 +243,16 @@ def connect(
     and requires an existing, current database; ``external_access=False`` also stops
     SQL from reading or writing other files (``dpledger query`` without --allow-files).
     Read-write opening creates the file and applies pending migrations.
+
+    ``lake=DIR`` attaches a Parquet lake instead: an in-memory warehouse whose tables
+    are views over the lake's committed shards (and the database at ``path``, read-only,
+    if it exists); see :func:`warehouse.lake.connect_lake`.
     """
+    if lake is not None:
+        from .lake import connect_lake
+
+        existing = resolve_db_path(path)
+        return connect_lake(lake, existing if existing.exists() else None)
     db_path = resolve_db_path(path)
     if read_only and not db_path.exists():
         raise UserError(f"no dpledger database at {db_path} (create it with `dpledger init --db {db_path}`)")

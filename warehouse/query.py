@@ -105,6 +105,33 @@ ORDER BY r.run_id
 """
 
 
+def _worker_gone(config) -> bool:
+    """A run still marked running whose worker process, on this host, no longer exists."""
+    import json
+    import socket
+
+    try:
+        worker = json.loads(config).get("worker") if config else None
+    except ValueError:
+        return False
+    if not worker or worker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+    return False
+
+
 def list_runs(con: duckdb.DuckDBPyConnection) -> pa.Table:
-    """Every run with its parameters and row counts."""
-    return con.sql(RUNS_SQL).to_arrow_table()
+    """Every run with its parameters and row counts. A run marked running whose worker
+    died (killed, out of memory) shows as ``incomplete``: resume it with ``train --resume``."""
+    table = con.sql(RUNS_SQL).to_arrow_table()
+    configs = dict(con.execute("SELECT run_id, CAST(config AS VARCHAR) FROM runs WHERE status = 'running'").fetchall())
+    if not configs:
+        return table
+    status = [("incomplete" if s == "running" and _worker_gone(configs.get(r)) else s)
+              for r, s in zip(table.column("run_id").to_pylist(), table.column("status").to_pylist())]
+    return table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
