@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def generate(db: Path, points: int, steps: int, q: float, sigma: float) -> float:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warehouse.errors import UserError
-from warehouse.sqlutil import first, scalar
+from warehouse.sqlutil import first
 
 from . import load
 from .readers import (

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from warehouse.errors import UserError
-from warehouse.sqlutil import first, scalar
+from warehouse.sqlutil import first
 
 from . import load
 from .readers import bool_column, file_sha256, float_column, int_column, read_table, require_columns

@@ -73,6 +73,17 @@ def copy_as_run(src: Path, dst: Path, run: str) -> Path:
     return dst
 
 
+def query_rows(db: Path, sql: str, params=None) -> list[tuple]:
+    """Rows of ``sql`` on a read-only connection opened and closed for this one query."""
+    import warehouse
+
+    con = warehouse.connect(db, read_only=True)  # with the UDFs some views use
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
 def table_snapshot(db: Path) -> dict:
     """Row counts and a content hash of every table: proves a failed command changed nothing."""
     import duckdb
@@ -92,4 +103,4 @@ def table_snapshot(db: Path) -> dict:
         con.close()
 
 
-__all__ = ["copy_as_run", "table_snapshot", "shutil"]
+__all__ = ["copy_as_run", "query_rows", "table_snapshot", "shutil"]

@@ -15,7 +15,7 @@ from opacus.accountants.analysis.rdp import compute_rdp
 
 import warehouse
 from analysis import gla, rdp
-from conftest import copy_as_run, table_snapshot
+from conftest import table_snapshot
 from ingest import ingest_steps
 from warehouse import accounting
 

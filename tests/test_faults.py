@@ -20,13 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, table_snapshot
+from conftest import REPO, query_rows as _q, table_snapshot
 
 TABLES = ("point_steps", "steps", "evaluations", "checkpoints")
 # 12 steps (2 epochs of 6), a commit every 2 steps: shards seq 0..5 committed at steps 1, 3, ..., 11;
@@ -40,12 +39,6 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
 # ----------------------------------------------------------------------------- helpers
 
 
-def _q(db, sql, params=None):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def _manifest(lake: Path, run: str) -> dict:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import json
 
-import duckdb
 import pytest
 
-from conftest import copy_as_run, table_snapshot
+from conftest import copy_as_run, query_rows as _q, table_snapshot
 
 
 def _csv_rows(path):
@@ -16,12 +15,6 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
-def _q(db, sql, params=None):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def test_fixture_rows_land_with_exact_counts_and_values(gla_db, gla_dir):

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import table_snapshot
+from conftest import query_rows as _q, table_snapshot
 
 
-def _q(db, sql, params=None):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def _frame(n_points=5, n_steps=4, seed=0):

@@ -12,15 +12,9 @@ from scipy import stats
 
 import warehouse
 from analysis import links as L
-from conftest import table_snapshot
+from conftest import query_rows as _q, table_snapshot
 
 
-def _q(db, sql, params=None):
-    con = warehouse.connect(db, read_only=True)  # with the UDFs the views use
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def _constructed_study(db, correct: dict, phi: dict, members: dict):

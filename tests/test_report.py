@@ -4,7 +4,6 @@ rendering in headless Chromium."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from PIL import Image

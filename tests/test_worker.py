@@ -8,25 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import table_snapshot
+from conftest import query_rows as _q, table_snapshot
 
 SMALL = ["--dataset", "digits", "--n-train", "200", "--n-test", "100", "--batch-size", "20"]
 
 
-def _q(db, sql, params=None):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def test_short_run_writes_tracked_steps_times_tracked_points(db, cli):

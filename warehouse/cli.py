@@ -204,7 +204,7 @@ def account(
 
     from .accounting import account as do_account
     from .db import connect
-    from .output import records, to_json
+    from .output import to_json
 
     if lake is not None:
         import tempfile

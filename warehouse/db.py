@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 
 from .errors import UserError
-from .sqlutil import first, scalar
+from .sqlutil import first
 
 DEFAULT_DB = "dpledger.duckdb"
 ENV_DB = "DPLEDGER_DB"
