@@ -18,7 +18,7 @@ from warehouse.errors import UserError
 from warehouse.sqlutil import first
 
 from . import load
-from .readers import bool_column, file_sha256, float_column, int_column, read_table, require_columns
+from .readers import Source, bool_column, file_sha256, float_column, int_column, read_table, require_columns
 
 KIND = "steps"
 REQUIRED = ["step", "point_id", "grad_norm"]
@@ -49,7 +49,7 @@ def check_run_parameters(
         raise UserError(f"--batch-size {batch_size} must be positive")
 
 
-def parse(path: str | Path, run: str, norms_clipped: bool = False) -> tuple[pa.Table, "object"]:
+def parse(path: str | Path, run: str, norms_clipped: bool = False) -> tuple[pa.Table, Source]:
     table, src = read_table(path)
     require_columns(table, src, REQUIRED)
     unknown = [c for c in table.column_names if c not in REQUIRED + OPTIONAL]
