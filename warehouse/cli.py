@@ -325,6 +325,42 @@ def curvature(
 
 
 @app.command()
+def norms(
+    run: Annotated[str, typer.Option(help="Run whose checkpoints to score.", show_default=False)],
+    checkpoints: Annotated[str, typer.Option(help="all, last, or a comma-separated list of steps.")] = "all",
+    points: Annotated[str, typer.Option(help="Points to score: all, N (the first N), or a file of point ids.")] = "all",
+    chunk: Annotated[int, typer.Option(help="Points per task.")] = 50_000,
+    executor: Annotated[str, typer.Option(help="local, or ray (one task per range of points).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (with --executor ray).")] = None,
+    db: DbOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Per-point gradient norms at a run's checkpoints, split by point ranges across tasks."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.norm_scoring import score_norms
+
+    from .db import connect
+    from .output import to_json
+
+    con = connect(db)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ranges"),
+                      TimeElapsedColumn(), console=_stderr_console(), transient=True, disable=json) as bar:
+            task = bar.add_task("scoring norms", total=None)
+            result = score_norms(con, run, checkpoints, points, chunk, executor, address,
+                                 on_range=lambda i, n: bar.update(task, completed=i, total=n))
+    finally:
+        con.close()
+    if json:
+        print(to_json(result))
+        return
+    print(f"{result['run_id']}: {result['rows']} norms of {result['points']} points at {len(result['steps'])} "
+          f"checkpoints ({result['ranges']} range{'s' if result['ranges'] > 1 else ''}, {result['executor']}); "
+          "compose with `dpledger account`")
+
+
+@app.command()
 def links(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Run(s) to link (repeatable).")] = None,
     config: Annotated[Optional[str], typer.Option(help="All runs of a config_key or study_key.")] = None,
