@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warehouse.errors import UserError
-from warehouse.sqlutil import first
+from warehouse.sqlutil import append_arrow, first
 
 from . import load
 from .readers import (
@@ -297,15 +297,9 @@ def write(con, parsed: ParsedFile) -> dict:
         if parsed.evaluations is not None:
             load.insert_facts(con, "evaluations", parsed.evaluations, src)
         if parsed.steps is not None:
-            con.register("_new_steps", parsed.steps)
-            try:
-                con.execute(
-                    "INSERT INTO steps (run_id, step, test_accuracy) SELECT run_id, step, test_accuracy "
-                    "FROM _new_steps ON CONFLICT (run_id, step) DO UPDATE SET "
-                    "test_accuracy = coalesce(steps.test_accuracy, excluded.test_accuracy)"
-                )
-            finally:
-                con.unregister("_new_steps")
+            # a checkpoint split across two files of one run: keep the accuracy already stored
+            append_arrow(con, "steps", parsed.steps, suffix="ON CONFLICT (run_id, step) DO UPDATE SET "
+                         "test_accuracy = coalesce(steps.test_accuracy, excluded.test_accuracy)")
         for r in parsed.runs:
             last = first(con.execute("SELECT max(step) FROM point_steps WHERE run_id = ?", [r["run_id"]]))[0]
             load.extend_run_steps(con, r["run_id"], last)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warehouse.errors import UserError
-from warehouse.sqlutil import first, scalar
+from warehouse.sqlutil import append_arrow, first, scalar
 
 from .readers import Source
 
@@ -254,14 +254,7 @@ def insert_facts(
 
 def append_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> int:
     """Append rows the caller guarantees are new (a worker's own steps past its marker)."""
-    name = f"_append_{table}"
-    con.register(name, rows)
-    try:
-        cols = ", ".join(rows.column_names)
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
-    finally:
-        con.unregister(name)
-    return rows.num_rows
+    return append_arrow(con, table, rows)
 
 
 def insert_points(con: duckdb.DuckDBPyConnection, points: pa.Table) -> int:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from warehouse.errors import UserError
+from warehouse.sqlutil import append_arrow
 
 from . import load
 from .readers import Source, file_sha256, float_column, int_column
@@ -128,11 +129,8 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
             if item["points"] is not None:
                 load.insert_points(con, item["points"])
             if item["membership"] is not None and item["membership"].num_rows:
-                con.register("_lake_membership", item["membership"])
-                try:
-                    con.execute("INSERT OR IGNORE INTO membership SELECT run_id, point_id, in_train FROM _lake_membership")
-                finally:
-                    con.unregister("_lake_membership")
+                append_arrow(con, "membership", item["membership"].select(["run_id", "point_id", "in_train"]),
+                             verb="INSERT OR IGNORE")
             new: dict[str, list[pa.Table]] = {}
             paths: dict[str, list[Path]] = {}
             skipped = 0
@@ -158,15 +156,7 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
                 if table in ("point_steps", "evaluations"):
                     counts[table] = load.insert_facts(con, table, merged, src)
                 else:
-                    key = "run_id, step"
-                    con.register("_lake_rows", merged)
-                    try:
-                        cols = ", ".join(merged.column_names)
-                        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _lake_rows "
-                                    f"ON CONFLICT ({key}) DO NOTHING")
-                    finally:
-                        con.unregister("_lake_rows")
-                    counts[table] = merged.num_rows
+                    counts[table] = append_arrow(con, table, merged, suffix="ON CONFLICT (run_id, step) DO NOTHING")
             manifest = item["manifest"]
             con.execute("UPDATE runs SET committed_step = ?, status = ?, updated_at = now() WHERE run_id = ? "
                         "AND (committed_step IS DISTINCT FROM ? OR status IS DISTINCT FROM ?)",

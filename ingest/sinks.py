@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from warehouse.db import connect
 from warehouse.errors import UserError
+from warehouse.sqlutil import append_arrow
 
 from . import load
 
@@ -97,12 +98,8 @@ class DuckDBSink:
                                                   run["run_id"]])
             load.insert_points(self.con, points)
             if membership is not None and membership.num_rows:
-                self.con.register("_new_membership", membership)
-                try:
-                    self.con.execute("INSERT OR IGNORE INTO membership SELECT run_id, point_id, in_train "
-                                     "FROM _new_membership")
-                finally:
-                    self.con.unregister("_new_membership")
+                append_arrow(self.con, "membership", membership.select(["run_id", "point_id", "in_train"]),
+                             verb="INSERT OR IGNORE")
 
     def commit(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
         with load.transaction(self.con):

@@ -20,11 +20,12 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis import gla, grid as gridmod, rdp
 
 from .errors import UserError
-from .sqlutil import scalar
+from .sqlutil import append_arrow, scalar
 
 RULES = ("rdp", "gla")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -94,11 +95,7 @@ def ensure_grid(con, sample_rate: float, noise_multiplier: float, size: int) -> 
             "grid_size": np.full(alpha.size, size, dtype=np.int32), "alpha": alpha.ravel(),
             "j": j.ravel().astype(np.int32), "rho": table.values.ravel(), "bounded": bounded.ravel(),
         })
-        con.register("_new_grid", rows)
-        try:
-            con.execute("INSERT INTO rdp_grid SELECT * FROM _new_grid")
-        finally:
-            con.unregister("_new_grid")
+        append_arrow(con, "rdp_grid", rows)
         return table
     got = con.sql(
         f"SELECT alpha, j, rho, bounded FROM rdp_grid WHERE {where} ORDER BY alpha, j", params=key
@@ -232,12 +229,8 @@ def _write_point_epsilon(con, run_id: str, rule: str, pids, composed, covered, d
         "order_at_edge": pa.array(np.asarray(edge, dtype=bool)),
         "rdp": pa.array(list(composed), pa.list_(pa.float64())),
     })
-    con.register("_new_point_epsilon", rows)
-    try:
-        con.execute("INSERT INTO point_epsilon SELECT * FROM _new_point_epsilon")
-    finally:
-        con.unregister("_new_point_epsilon")
-    return eps
+    append_arrow(con, "point_epsilon", rows)
+    return eps, int(np.sum(edge))
 
 
 def _summary(run: RunInfo, rule: str, eps: np.ndarray, covered: np.ndarray, exact: bool, delta: float,
@@ -299,29 +292,25 @@ def _account_rdp(con, run: RunInfo, delta: float, exact: bool, size: int, fill: 
             if bounded:
                 _write_accounting(con, run.run_id, "rdp", delta, exact, size, orders, bounded=bounded)
                 notes.append(f"orders {bounded} were not convex on the grid and are bounded by the next integer order")
-        eps = _write_point_epsilon(con, run.run_id, "rdp", pids, composed, covered, delta, exact, orders)
+        eps, edge = _write_point_epsilon(con, run.run_id, "rdp", pids, composed, covered, delta, exact, orders)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    edge = int(np.sum(rdp.order_at_edge(
-        con.execute("SELECT best_order FROM point_epsilon WHERE run_id = ? AND rule = 'rdp'", [run.run_id])
-        .fetchnumpy()["best_order"], orders)))
     if edge:
         notes.append(f"{edge} points have their optimal order at the edge of the order list "
                      f"({orders[0]:g} or {orders[-1]:g}); their epsilon is an upper bound that more orders could tighten")
     return _summary(run, "rdp", eps, covered, exact, delta, notes)
 
 
-def _gla_ratios(rows: pa.Table, run_by_id: dict[str, RunInfo], legacy: bool) -> np.ndarray:
-    norm = rows.column("grad_norm").to_numpy()
-    run_ids = rows.column("run_id").to_pylist()
+def _gla_ratios(norm: np.ndarray, ridx: np.ndarray, runs: list[RunInfo], legacy: bool) -> np.ndarray:
+    """Each row's sensitivity ratio; ``ridx`` is the row's position in ``runs``."""
     if legacy:  # the study's s: clipped norm / batch size, not divided by C
-        bs = np.array([run_by_id[r].batch_size or np.nan for r in run_ids], dtype=np.float64)
+        bs = np.array([r.batch_size or np.nan for r in runs], dtype=np.float64)[ridx]
         if np.any(np.isnan(bs)):
             raise UserError("--legacy-scaling needs the runs' batch_size")
         return norm / bs
-    c = np.array([run_by_id[r].max_grad_norm for r in run_ids], dtype=np.float64)
+    c = np.array([r.max_grad_norm for r in runs], dtype=np.float64)[ridx]
     return np.minimum(norm, c) / c
 
 
@@ -330,15 +319,13 @@ def _account_gla_config(con, runs: list[RunInfo], delta_override: float | None, 
     base = runs[0]
     steps = int(base.steps)
     q, sigma = base.sample_rate, base.noise_multiplier
-    run_by_id = {r.run_id: r for r in runs}
     rows = con.sql(
         "SELECT run_id, point_id, step, grad_norm FROM point_steps WHERE run_id IN (SELECT unnest($runs)) "
         "ORDER BY point_id, run_id, step",
         params={"runs": [r.run_id for r in runs]},
     ).to_arrow_table()
-    ratio = _gla_ratios(rows, run_by_id, legacy)
-    run_index = {r.run_id: i for i, r in enumerate(runs)}
-    ridx = np.array([run_index[r] for r in rows.column("run_id").to_pylist()], dtype=np.int64)
+    ridx = pc.index_in(rows.column("run_id"), value_set=pa.array([r.run_id for r in runs])).to_numpy()
+    ratio = _gla_ratios(rows.column("grad_norm").to_numpy(), ridx, runs, legacy)
     point = rows.column("point_id").to_numpy()
     step = rows.column("step").to_numpy()
     last_step = int(step.max())
@@ -382,8 +369,7 @@ def _account_gla_config(con, runs: list[RunInfo], delta_override: float | None, 
         for m in range(len(alpha0s)):
             terms = table[pos[m][None, :], inv]  # (runs, T)
             terms[missing] = np.nan
-            for r in range(n_runs):
-                per_run[r, k, m] = gla.compose(terms[r][None, :], weights, alpha0s[m])[0]
+            per_run[:, k, m] = gla.compose(terms, weights, alpha0s[m])
             lme = gla.log_mean_exp(terms, axis=0)
             expected[k, m] = gla.compose(lme[None, :], weights, alpha0s[m])[0]
     summaries = []
@@ -395,8 +381,8 @@ def _account_gla_config(con, runs: list[RunInfo], delta_override: float | None, 
         try:
             _write_accounting(con, run.run_id, "gla", delta, True, None, alpha0s, holder_p=p, max_order=cap,
                               legacy=legacy)
-            eps = _write_point_epsilon(con, run.run_id, "gla", pids[keep], per_run[r][keep], covered[r][keep],
-                                       delta, True, alpha0s)
+            eps, _ = _write_point_epsilon(con, run.run_id, "gla", pids[keep], per_run[r][keep], covered[r][keep],
+                                          delta, True, alpha0s)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -455,11 +441,7 @@ def refresh_config_epsilon(con, config_key: str, rule: str, gla_expected: dict |
         "best_order_expected": pa.array(out["best_order_expected"], pa.float64()),
         "delta": pa.array(np.full(len(pids), delta)),
     })
-    con.register("_new_config_epsilon", rows)
-    try:
-        con.execute("INSERT INTO config_epsilon SELECT * FROM _new_config_epsilon")
-    finally:
-        con.unregister("_new_config_epsilon")
+    append_arrow(con, "config_epsilon", rows)
 
 
 def account(

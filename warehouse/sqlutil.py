@@ -14,6 +14,19 @@ def first(result):
     return rows[0] if rows else None
 
 
+def append_arrow(con, table: str, rows, verb: str = "INSERT", suffix: str = "") -> int:
+    """``{verb} INTO table (cols) SELECT cols FROM rows`` for an Arrow table: a bulk load,
+    never row by row (``verb`` "INSERT OR IGNORE", ``suffix`` an ON CONFLICT clause)."""
+    name = f"_arrow_{table}"
+    con.register(name, rows)
+    try:
+        cols = ", ".join(rows.column_names)
+        con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM {name} {suffix}")
+    finally:
+        con.unregister(name)
+    return rows.num_rows
+
+
 def scalar(result):
     row = first(result)
     return None if row is None else row[0]
