@@ -127,9 +127,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "runs" / "killed" / "state"
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a few commits are in, mid-run
+    # Kill once a few commits are in, mid-run. The resume state of step t is written just
+    # before step t's commit, so a state at step >= 23 means the commit at step 20 is done.
+    while time.time() < deadline:
         states = sorted(state.glob("step-*.pt")) if state.exists() else []
-        if states and int(states[-1].stem.split("-")[1]) >= 20:
+        if states and int(states[-1].stem.split("-")[1]) >= 23:
             break
         assert proc.poll() is None, "the worker exited before it could be killed"
         time.sleep(0.05)
