@@ -3,6 +3,13 @@ gradient norm and loss at every step (or every k-th step).
 
 DP-SGD is Opacus's (``GradSampleModule`` + ``DPOptimizer``): per-example gradients
 clipped at C, summed, Gaussian noise of std σC, divided by the expected batch size.
+At tracked steps the tracker has already computed every batch member's gradient norm
+at the step's parameters (untracked members of the batch are added to its input), which
+is all clipping needs: the clipped sum is then one weighted backward over the batch and
+Opacus's ghost-clipping optimizer (``DPOptimizerFastGradientClipping``) adds the noise,
+from the same generator, and steps (``reuse_norms``; the update equals the per-sample
+path's to float rounding, which a test checks). Untracked steps, and models with
+stochastic layers, use the per-sample path.
 Batches are drawn by Poisson sampling (each example independently with rate
 q = batch_size / n) from a seeded generator, so which points were in each step's
 batch is known and recorded (``point_steps.sampled``).
@@ -44,6 +51,37 @@ from warehouse.errors import UserError
 from .sinks import safe_run_id
 
 
+# Layers that draw randomness in train mode: the tracked forward and the clipping pass
+# would draw different masks, so such models clip with Opacus's own per-sample pass.
+_STOCHASTIC = (torch.nn.modules.dropout._DropoutNd,)
+
+
+def _clipped_step(model: torch.nn.Module, optimizer, xb: torch.Tensor, yb: torch.Tensor,
+                  norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    r"""One DP-SGD update whose clipping factors come from already computed per-example norms.
+
+    With ``n_i`` the norms of the batch's per-example gradients at the current parameters,
+    ``w_i = min(1, C / (n_i + 1e-6))`` (Opacus's clip factor, epsilon included) and
+    ``∇_θ Σ_i w_i ℓ_i = Σ_i w_i ∇_θ ℓ_i`` is the clipped sum: one weighted backward over
+    the batch, the second pass of ghost clipping (Li et al. 2021; Bu et al. 2022). Opacus's
+    hooks are off during it. ``optimizer`` (a ``DPOptimizerFastGradientClipping``) adds
+    N(0, σ²C²) noise, divides by the expected batch size and steps. Returns the batch's
+    summed (unweighted) loss.
+    """
+    from models.grad_norms import opacus_hooks_off
+
+    weights = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    with opacus_hooks_off(model):
+        losses = F.cross_entropy(model(xb), yb, reduction="none")
+        (losses * weights.to(losses.dtype)).sum().backward()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:  # empty batch (or an unused parameter): the sum is zero
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses.detach().sum()
+
+
 @dataclass
 class TrainConfig:
     """Options of one run, by the names of ``dpledger train``'s flags."""
@@ -64,6 +102,7 @@ class TrainConfig:
     disable_dp: bool = False
     track: str = "all"
     track_every: int = 1
+    reuse_norms: bool = True          # clip tracked steps' batches with the tracked norms (see module doc)
     eval_every: int | None = None
     commit_every: int | None = None   # steps per commit; None: every commit_seconds
     commit_seconds: float = 5.0
@@ -374,20 +413,25 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
 
     # ------------------------------------------------------------------ model and DP-SGD
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    from models.grad_norms import GradNormTracker
+    from models.grad_norms import GradNormTracker, opacus_hooks_off
 
     model = build(cfg, ds).to(device)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003)
     torch.manual_seed(cfg.seed + 2_000_003)
     base_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    shared_opt = None
     if private:
         train_model = GradSampleModule(model, loss_reduction="sum")
-        optimizer = DPOptimizer(base_opt, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                                expected_batch_size=max(1, int(round(q * n))), loss_reduction="mean",
-                                generator=noise_gen)
+        dp_args = dict(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+                       expected_batch_size=max(1, int(round(q * n))), loss_reduction="mean", generator=noise_gen)
+        optimizer = DPOptimizer(base_opt, **dp_args)
+        if cfg.reuse_norms and not any(isinstance(m, _STOCHASTIC) for m in model.modules()):
+            # Opacus's ghost-clipping optimizer: it takes p.grad as the already clipped sum,
+            # adds the same noise from the same generator, scales and steps.
+            shared_opt = DPOptimizerFastGradientClipping(base_opt, **dp_args)
     else:
         train_model, optimizer = model, base_opt
 
@@ -419,6 +463,13 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
     y_eval = ds.y_train[eval_ids].to(device)
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     tracker = GradNormTracker(model, chunk_size=4096)
+    # member position -> row of the tracker's output (-1: not tracked); untracked members of
+    # a batch are appended as extra rows when the tracked norms clip the batch
+    row_of = torch.full((n,), -1, dtype=torch.long, device=device)
+    row_of[track_pos] = torch.arange(len(track_pos), device=device)
+    # the same for every tracked step (never modified: the buffers only concatenate them)
+    track_point_ids, not_clipped = track_ids.astype(np.int64), np.zeros(len(track_ids), bool)
+    track_pos_cpu = track_pos.cpu()
     buf = _Buffers()
     rows_written = 0
     last_loss = float("nan")
@@ -431,27 +482,43 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
             mask = torch.rand(n, generator=sampler_gen) < q
             batch = mask.nonzero().squeeze(1).to(device)
             track_s = 0.0
-            if len(track_ids) and t % cfg.track_every == 0:
+            tracked_now = len(track_ids) > 0 and t % cfg.track_every == 0
+            shared = tracked_now and shared_opt is not None
+            xb, yb = x_members[batch], y_members[batch]
+            if tracked_now:
                 t1 = time.perf_counter()
-                res = tracker(x_track, y_track)
+                xs, ys, batch_rows = x_track, y_track, None
+                if shared:
+                    batch_rows = row_of[batch]
+                    missing = batch_rows < 0
+                    if bool(missing.any()):
+                        extra = batch[missing]
+                        batch_rows = batch_rows.clone()
+                        batch_rows[missing] = len(track_ids) + torch.arange(len(extra), device=device)
+                        xs, ys = torch.cat([x_track, x_members[extra]]), torch.cat([y_track, y_members[extra]])
+                res = tracker(xs, ys)
                 track_s = time.perf_counter() - t1
                 timing["track_s"] += track_s
                 t1 = time.perf_counter()
+                k = len(track_ids)
                 buf.point_steps.append({
-                    "step": np.full(len(track_ids), t, dtype=np.int64), "point_id": track_ids.astype(np.int64),
-                    "grad_norm": res.norms.double().cpu().numpy(), "norm_clipped": np.zeros(len(track_ids), bool),
-                    "loss": res.losses.double().cpu().numpy(), "sampled": mask[track_pos.cpu()].numpy(),
+                    "step": np.full(k, t, dtype=np.int64), "point_id": track_point_ids,
+                    "grad_norm": res.norms[:k].double().cpu().numpy(), "norm_clipped": not_clipped,
+                    "loss": res.losses[:k].double().cpu().numpy(), "sampled": mask[track_pos_cpu].numpy(),
                 })
                 timing["sink_s"] += time.perf_counter() - t1
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            xb, yb = x_members[batch], y_members[batch]
-            out = train_model(xb)
-            loss_sum = F.cross_entropy(out, yb, reduction="sum")
-            if private:
+            if shared:
+                loss_sum = _clipped_step(model, shared_opt, xb, yb, res.norms[batch_rows], cfg.max_grad_norm)
+            elif private:
+                out = train_model(xb)
+                loss_sum = F.cross_entropy(out, yb, reduction="sum")
                 loss_sum.backward()
                 optimizer.step()
             elif len(batch):
+                out = train_model(xb)
+                loss_sum = F.cross_entropy(out, yb, reduction="sum")
                 (loss_sum / len(batch)).backward()
                 optimizer.step()
             last_loss = float(loss_sum.item() / len(batch)) if len(batch) else float("nan")

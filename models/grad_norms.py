@@ -108,7 +108,7 @@ def _opacus_owner(hook) -> object | None:
 
 
 @contextmanager
-def _opacus_hooks_off(module: nn.Module) -> Iterator[None]:
+def opacus_hooks_off(module: nn.Module) -> Iterator[None]:
     """Pause the Opacus hooks on ``module``'s submodules; everything is restored on exit.
 
     Their ``hooks_enabled`` flags are cleared (so no activations are recorded and no
@@ -421,7 +421,7 @@ class GradNormTracker:
         step = self.chunk_size or max(n, 1)
         dev = next((p.device for p in self.module.parameters()), x.device)
         parts = []
-        with _opacus_hooks_off(self.module):
+        with opacus_hooks_off(self.module):
             for s in range(0, n, step):
                 xc = x[s:s + step].to(dev, non_blocking=True)
                 yc = y[s:s + step].to(dev, non_blocking=True)
@@ -541,4 +541,4 @@ def per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         return tracker(x, y, loss=loss)
 
 
-__all__ = ["NormResult", "GradNormTracker", "per_example_grad_norms"]
+__all__ = ["NormResult", "GradNormTracker", "opacus_hooks_off", "per_example_grad_norms"]

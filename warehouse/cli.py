@@ -28,7 +28,7 @@ app.add_typer(ingest_app, name="ingest")
 
 DbOption = Annotated[
     Optional[Path],
-    typer.Option("--db", help="Database file [default: $DPLEDGER_DB or ./dpledger.duckdb]", show_default=False),
+    typer.Option("--db", help="Database file (default: $DPLEDGER_DB or ./dpledger.duckdb)", show_default=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
@@ -86,7 +86,7 @@ def _print_ingest_results(results: list[dict], json: bool) -> None:
 def ingest_gla_csv(
     files: Annotated[list[Path], typer.Argument(help="GLA-format per-point CSV files.", show_default=False)],
     run: Annotated[Optional[str], typer.Option(help="Run name for the rows (default: res_name column, else file name).")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="Target delta of the run(s) [default: 1e-5].")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta of the run(s) (default: 1e-5).")] = None,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -110,9 +110,9 @@ def ingest_steps(
     sample_rate: Annotated[Optional[float], typer.Option(help="Poisson sample rate q.")] = None,
     noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma.")] = None,
     max_grad_norm: Annotated[Optional[float], typer.Option(help="Clipping norm C.")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="Target delta [default: 1e-5 for a new run].")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta (default: 1e-5 for a new run).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset the point ids index.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Number of steps of the run [default: last step + 1].")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Number of steps of the run (default: last step + 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Expected batch size.")] = None,
     norms_clipped: Annotated[bool, typer.Option("--norms-clipped", help="grad_norm holds norms already clipped at C.")] = False,
     db: DbOption = None,
@@ -185,9 +185,9 @@ def runs(db: DbOption = None, json: JsonOption = False, format: Annotated[str, t
 
 @app.command()
 def account(
-    run: Annotated[Optional[list[str]], typer.Option("--run", help="Run to account (repeatable) [default: every run with norms].")] = None,
+    run: Annotated[Optional[list[str]], typer.Option("--run", help="Run to account (repeatable) (default: every run with norms).")] = None,
     rule: Annotated[str, typer.Option(help="Composition rule: rdp (per run) or gla (Thudi et al., per configuration).")] = "rdp",
-    delta: Annotated[Optional[float], typer.Option(help="Delta for epsilon [default: each run's delta].")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Delta for epsilon (default: each run's delta).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact per-row RDP instead of the tabulated upper bound (slow on big runs).")] = False,
     grid: Annotated[int, typer.Option(help="Cells of r = s/C for the tabulated fast path.")] = 1024,
     legacy_scaling: Annotated[bool, typer.Option("--legacy-scaling", help="gla: the study's scaling (clipped norm / batch size), to reproduce its numbers.")] = False,
@@ -456,7 +456,7 @@ def budget(
 
 @app.command()
 def train(
-    run: Annotated[Optional[str], typer.Option(help="Run name [default: from dataset, model, seed, noise].")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run name (default: from dataset, model, seed, noise).")] = None,
     dataset: Annotated[str, typer.Option(help="digits, mnist5k, synthetic, mnist, fashion-mnist, cifar10, fairface, npz.")] = "digits",
     data_path: Annotated[Optional[str], typer.Option(help="Local files of the dataset (mnist, cifar10, fairface, npz).")] = None,
     model: Annotated[str, typer.Option(help="logreg, mlp, lenet or resnet18.")] = "mlp",
@@ -472,13 +472,16 @@ def train(
     disable_dp: Annotated[bool, typer.Option("--disable-dp", help="Train without DP (a baseline).")] = False,
     track: Annotated[str, typer.Option(help="Points to track: all, N (the first N), or a file of point ids.")] = "all",
     track_every: Annotated[int, typer.Option(help="Record norms every K steps.")] = 1,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate and checkpoint every K steps [default: each epoch].")] = None,
-    commit_every: Annotated[Optional[int], typer.Option(help="Commit rows every K steps [default: every 5 seconds].")] = None,
+    reuse_norms: Annotated[bool, typer.Option(
+        help="At tracked steps, clip the batch with the tracked norms (Opacus's ghost-clipping optimizer adds "
+             "the noise) instead of a second, per-sample pass; the same update.")] = True,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate and checkpoint every K steps (default: each epoch).")] = None,
+    commit_every: Annotated[Optional[int], typer.Option(help="Commit rows every K steps (default: every 5 seconds).")] = None,
     n_train: Annotated[Optional[int], typer.Option(help="Use only the first N training points.")] = None,
     n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test points.")] = None,
     subset_ratio: Annotated[Optional[float], typer.Option(help="Train on a random subset (membership recorded).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: 1 for logreg/mlp, else all].")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: 1 for logreg/mlp, else all).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue run RUN from its last committed step.")] = None,
     db: DbOption = None,
     json: JsonOption = False,
@@ -496,7 +499,8 @@ def train(
     cfg = TrainConfig(run=resume or run, dataset=dataset, data_path=data_path, model=model, epochs=epochs,
                       batch_size=batch_size, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, seed=seed,
-                      disable_dp=disable_dp, track=track, track_every=track_every, eval_every=eval_every,
+                      disable_dp=disable_dp, track=track, track_every=track_every, reuse_norms=reuse_norms,
+                      eval_every=eval_every,
                       commit_every=commit_every, n_train=n_train, n_test=n_test, subset_ratio=subset_ratio,
                       device=device, threads=threads)
     db_path = resolve_db_path(db)
@@ -530,7 +534,7 @@ def ingest_memorization(
     file: Annotated[Path, typer.Argument(help="Feldman-Zhang .npz (tr_mem, tr_labels[, tt_labels]).", show_default=False)],
     dataset: Annotated[str, typer.Option(help="Dataset the scores index (as in points.dataset).", show_default=False)],
     index: Annotated[Optional[Path], typer.Option(help="Point id of each position (.npy or text), if the file's order differs.")] = None,
-    source: Annotated[Optional[str], typer.Option(help="Name of this set of scores [default: the file name].")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Name of this set of scores (default: the file name).")] = None,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -585,7 +589,7 @@ def ingest_shards(
 def sweep(
     config: Annotated[Path, typer.Argument(help="TOML: [base] train options, [grid] lists, optional [[runs]].", show_default=False)],
     workers: Annotated[int, typer.Option(help="Local worker processes (--executor local).")] = 1,
-    lake: Annotated[Optional[Path], typer.Option(help="Folder for the runs' Parquet shards [default: lake/ next to the database].")] = None,
+    lake: Annotated[Optional[Path], typer.Option(help="Folder for the runs' Parquet shards (default: lake/ next to the database).")] = None,
     executor: Annotated[str, typer.Option(help="local: worker processes here; ray: one Ray task per run.")] = "local",
     address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster (--executor ray); without it a local one is started. The lake must be storage every node sees.", show_default=False)] = None,
     db: DbOption = None,
