@@ -284,6 +284,8 @@ def query(*args):
 
 records = []
 glob = f"{lake}/**/point_steps/*.parquet"
+query("query", "select 1", "--db", rdb)  # imports and first connection done before the writers start
+Path(log + ".ready").touch()
 deadline = time.time() + 240
 while not Path(stop).exists() and time.time() < deadline:
     rec = {"db": query("query", "select count(*) AS n from point_steps", "--db", rdb, "--format", "json")}
@@ -330,6 +332,7 @@ def test_two_sweeps_write_one_lake_while_a_reader_queries(tmp_path, cli):
                                    str(reader_log)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         procs.append(reader)
+        _wait_for([Path(str(reader_log) + ".ready")], procs, 120)  # reading before anyone writes
         go.touch()
         results = {name: p.communicate(timeout=240) for name, (p, _) in sweeps.items()}
         stop.touch()
