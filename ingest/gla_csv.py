@@ -283,13 +283,7 @@ def write(con, parsed: ParsedFile) -> dict:
     with load.transaction(con):
         seen = load.find_ingest(con, parsed.sha256, KIND, parsed.target)
         if seen is not None:
-            return {
-                "path": str(src.path),
-                "status": "skipped",
-                "reason": f"already ingested on {seen['ingested_at']} from {seen['path']}",
-                "rows": 0,
-                "runs": seen["run_ids"],
-            }
+            return load.skipped_result(src.path, seen)
         for r in parsed.runs:
             load.ensure_run(con, r, str(src.path))
         load.insert_points(con, parsed.points)

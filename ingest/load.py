@@ -56,6 +56,13 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     con.execute("COMMIT")
 
 
+def skipped_result(path, seen: dict) -> dict:
+    """The summary of a file whose contents were ingested before (``seen``: its ledger row)."""
+    return {"path": str(path), "status": "skipped",
+            "reason": f"already ingested on {seen['ingested_at']} from {seen['path']}",
+            "rows": 0, "runs": seen["run_ids"]}
+
+
 def find_ingest(con: duckdb.DuckDBPyConnection, sha256: str, kind: str, target: str) -> dict | None:
     row = first(con.execute(
         "SELECT path, rows, run_ids, ingested_at FROM ingests WHERE sha256 = ? AND kind = ? AND target = ?",

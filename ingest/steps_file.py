@@ -120,13 +120,7 @@ def ingest_steps(
     with load.transaction(con):
         seen = load.find_ingest(con, sha, KIND, run)
         if seen is not None:
-            return {
-                "path": str(src.path),
-                "status": "skipped",
-                "reason": f"already ingested on {seen['ingested_at']} from {seen['path']}",
-                "rows": 0,
-                "runs": seen["run_ids"],
-            }
+            return load.skipped_result(src.path, seen)
         stored = load.get_run(con, run)
         if stored is None:
             missing = [
