@@ -489,7 +489,7 @@ def train(
     """Train with DP-SGD (Opacus), recording per-point gradient norms and losses into the warehouse."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from analysis.rdp import dp_epsilon
+    from analysis.rdp import epsilon_from_rdp, rdp_sgm
     from ingest.sinks import DuckDBSink
     from ingest.worker import TrainConfig, train as do_train
 
@@ -511,10 +511,17 @@ def train(
                       console=_stderr_console(), transient=True, disable=json) as bar:
             task = bar.add_task(f"training {cfg.run or ''}", total=None, info="")
 
+            per_step_rdp = {}  # (q, sigma) -> RDP of one step: computed once (about a second), then scaled
+
             def on_progress(p: dict) -> None:
+                if json:  # no bar to show
+                    return
                 info = f"loss {p['loss']:.3f}"
                 if p["sigma"]:
-                    info += f"  eps {dp_epsilon(p['q'], p['sigma'], p['step'], p['delta'])[0]:.2f}"
+                    key = (p["q"], p["sigma"])
+                    if key not in per_step_rdp:
+                        per_step_rdp[key] = rdp_sgm(p["q"], p["sigma"])
+                    info += f"  eps {epsilon_from_rdp(per_step_rdp[key] * p['step'], p['delta'])[0]:.2f}"
                 bar.update(task, completed=p["step"], total=p["total"], info=info)
 
             summary = do_train(cfg, sink, resume=resume is not None, db_dir=db_path.resolve().parent,
