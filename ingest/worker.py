@@ -415,7 +415,7 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    from models.grad_norms import GradNormTracker, opacus_hooks_off
+    from models.grad_norms import GradNormTracker
 
     model = build(cfg, ds).to(device)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
