@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from warehouse.errors import UserError
 
@@ -154,27 +155,37 @@ def run_sweep_ray(configs: list[TrainConfig], lake: str | Path, address: str | N
     for cfg in configs:
         if cfg.run_dir is None:
             cfg.run_dir = str(lake / f"run_id={cfg.run}")
-    local = None
-    connected = None
-    if not ray.is_initialized():
-        if address is None:
-            local = start_local(num_cpus)
-        else:
-            connected = _connect(ray, address)
-    try:
+    with _cluster(ray, address, num_cpus):
         try:
             lake.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the lake folder {lake}: {exc.strerror or exc}") from None
         return _submit(ray, configs, lake, on_done)
-    finally:
-        if local is not None:
+
+
+@contextmanager
+def _cluster(ray, address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Ray ready for tasks inside the block: the cluster this process already has, else a
+    local one started here (``address`` None) or the one at ``address`` connected here;
+    what was started is shut down, and what was connected disconnected, on exit."""
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:
+        local = start_local(num_cpus)
+        try:
+            yield
+        finally:
             stop_local(local)
-        elif connected:
-            try:
-                ray.shutdown()  # disconnects this driver; the cluster keeps running
-            finally:
-                _set_enable_cluster(connected["enable_cluster"])
+        return
+    connected = _connect(ray, address)
+    try:
+        yield
+    finally:
+        try:
+            ray.shutdown()  # disconnects this driver; the cluster keeps running
+        finally:
+            _set_enable_cluster(connected["enable_cluster"])
 
 
 def _set_enable_cluster(value: bool) -> bool:
@@ -276,13 +287,7 @@ def map_tasks(fn: Callable, args_list: list[tuple], address: str | None = None) 
     """``[fn(*args) for args in args_list]`` as one Ray task each (the same local-cluster
     rules as sweeps); results in order. A task's UserError is raised again here."""
     ray = _import_ray()
-    local = connected = None
-    if not ray.is_initialized():
-        if address is None:
-            local = start_local(None)
-        else:
-            connected = _connect(ray, address)
-    try:
+    with _cluster(ray, address, None):
         remote = ray.remote(_call)
         refs = [remote.options(num_cpus=1).remote(fn, args, os.getcwd()) for args in args_list]
         try:
@@ -292,14 +297,6 @@ def map_tasks(fn: Callable, args_list: list[tuple], address: str | None = None) 
             if isinstance(cause, UserError):
                 raise cause from None
             raise
-    finally:
-        if local is not None:
-            stop_local(local)
-        elif connected:
-            try:
-                ray.shutdown()
-            finally:
-                _set_enable_cluster(connected["enable_cluster"])
 
 
 __all__ = ["INSTALL_HINT", "local_init_kwargs", "map_tasks", "parse_address", "run_sweep_ray", "start_local",
