@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 def generate(db: Path, points: int, steps: int, q: float, sigma: float) -> float:
-    import warehouse
+    from dpledger import warehouse
 
     t0 = time.perf_counter()
     con = warehouse.connect(db)
@@ -51,8 +51,8 @@ def generate(db: Path, points: int, steps: int, q: float, sigma: float) -> float
 
 
 def _account_child(db: str, out) -> None:
-    import warehouse
-    from warehouse import accounting
+    from dpledger import warehouse
+    from dpledger.warehouse import accounting
 
     con = warehouse.connect(db)
     t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     q, sigma = 256 / 60_000, 1.0
     rows = args.points * args.steps
-    from analysis import rdp
+    from dpledger.analysis import rdp
     from opacus.accountants.analysis.rdp import compute_rdp
 
     with tempfile.TemporaryDirectory() as tmp:

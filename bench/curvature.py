@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from analysis.curvature import default_chunk_size, input_curvature  # noqa: E402
+from dpledger.analysis.curvature import default_chunk_size, input_curvature  # noqa: E402
 
 SHAPE = (1, 28, 28)
 CLASSES = 10
@@ -41,7 +41,7 @@ CLASSES = 10
 
 def lenet() -> tuple[nn.Module, str]:
     try:
-        from models.nets import build_model
+        from dpledger.models.nets import build_model
     except ImportError:
         torch.manual_seed(0)
         return nn.Sequential(

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models.grad_norms import GradNormTracker  # noqa: E402
-from models.nets import build_model  # noqa: E402
+from dpledger.models.grad_norms import GradNormTracker  # noqa: E402
+from dpledger.models.nets import build_model  # noqa: E402
 
 SHAPE = (1, 28, 28)
 CLASSES = 10

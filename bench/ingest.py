@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa
 import pyarrow.parquet as pq  # noqa: E402
 
-import warehouse  # noqa: E402
-from ingest import ingest_steps  # noqa: E402
+from dpledger import warehouse  # noqa: E402
+from dpledger.ingest import ingest_steps  # noqa: E402
 
 
 def make_parquet(path: Path, rows: int, points: int = 10_000, seed: int = 0) -> None:

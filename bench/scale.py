@@ -70,8 +70,8 @@ def make_lake(lake: Path, run_id: str, points: int, steps: int, seed: int = 0) -
 
 
 def _account_child(lake: str, run_id: str, spill: str, out) -> None:
-    from warehouse import accounting
-    from warehouse.lake import connect_lake
+    from dpledger.warehouse import accounting
+    from dpledger.warehouse.lake import connect_lake
 
     t0 = time.perf_counter()
     con = connect_lake(lake, memory_limit="4GB", temp_directory=spill)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from ingest.ray_executor import run_sweep_ray, start_local, stop_local  # noqa: E402
-from ingest.sweep import _task  # noqa: E402
-from ingest.worker import TrainConfig  # noqa: E402
+from dpledger.ingest.ray_executor import run_sweep_ray, start_local, stop_local  # noqa: E402
+from dpledger.ingest.sweep import _task  # noqa: E402
+from dpledger.ingest.worker import TrainConfig  # noqa: E402
 
 
 def configs(n: int, epochs: float, model: str) -> list[TrainConfig]:
@@ -46,7 +46,7 @@ def _sequential(cfg_dicts: list[dict], lake: str) -> list[dict]:
 def _warm(_: int) -> int:
     import time
 
-    import ingest.worker  # noqa: F401 - torch, opacus, the datasets: what a run imports
+    import dpledger.ingest.worker  # noqa: F401 - torch, opacus, the datasets: what a run imports
 
     time.sleep(1.0)  # hold the worker so that the next warm-up task starts another one
     return os.getpid()

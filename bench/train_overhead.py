@@ -26,8 +26,8 @@ warnings.filterwarnings("ignore", message="Full backward hook")
 
 
 def one(tmp: Path, track: str, model: str, epochs: float, i: int, every: int = 1, reuse: bool = True) -> dict:
-    from ingest.sinks import DuckDBSink
-    from ingest.worker import TrainConfig, train
+    from dpledger.ingest.sinks import DuckDBSink
+    from dpledger.ingest.worker import TrainConfig, train
 
     name = f"{track}-{'reuse' if reuse else 'own'}-{i}"
     cfg = TrainConfig(run=name, dataset="digits", model=model, epochs=epochs, batch_size=64, lr=0.5,

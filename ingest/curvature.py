@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from warehouse.errors import UserError
+from dpledger.warehouse.errors import UserError
 
 from . import load
 from .worker import TrainConfig, build, load_data
@@ -45,7 +45,7 @@ def _checkpoints(con, run_id: str, which: str) -> list[tuple[int, str]]:
 def score_run(con, run_id: str, checkpoints: str = "all", n_probes: int = 10, h: float = 1e-3, seed: int = 0,
               batch: int = 256, on_checkpoint: Callable[[int, int, int], None] | None = None) -> dict:
     """Score the run's points at each chosen checkpoint; returns a summary."""
-    from analysis.curvature import input_curvature
+    from dpledger.analysis.curvature import input_curvature
 
     if n_probes < 1:
         raise UserError(f"--probes {n_probes} must be at least 1")

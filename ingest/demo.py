@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from warehouse.accounting import account, rank
-from warehouse.db import connect
-from warehouse.report import build_report
+from dpledger.warehouse.accounting import account, rank
+from dpledger.warehouse.db import connect
+from dpledger.warehouse.report import build_report
 
 from .sinks import DuckDBSink
 from .worker import TrainConfig, train

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from warehouse.errors import UserError
-from warehouse.sqlutil import append_arrow, first
+from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import append_arrow, first
 
 from . import load
 from .readers import (

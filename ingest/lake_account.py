@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from warehouse.accounting import account, refresh_config_epsilon
-from warehouse.db import connect
-from warehouse.errors import UserError
-from warehouse.lake import connect_lake, lake_runs
+from dpledger.warehouse.accounting import account, refresh_config_epsilon
+from dpledger.warehouse.db import connect
+from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.lake import connect_lake, lake_runs
 
 from . import load
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from warehouse.errors import UserError
-from warehouse.sqlutil import append_arrow, first, scalar
+from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import append_arrow, first, scalar, transaction  # noqa: F401 (load.transaction)
 
 from .readers import Source
 
@@ -43,17 +41,6 @@ RUN_PARAMS = (
 RUN_COLUMNS = RUN_PARAMS + ("status", "source")
 
 FACT_KEY = ("run_id", "step", "point_id")
-
-
-@contextmanager
-def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        yield
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
 
 
 def skipped_result(path, seen: dict) -> dict:

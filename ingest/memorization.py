@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from warehouse.errors import UserError
+from dpledger.warehouse.errors import UserError
 
 from . import load
 from .readers import file_sha256

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from warehouse.errors import UserError
+from dpledger.warehouse.errors import UserError
 
 from . import load
 from .curvature import _checkpoints
@@ -32,7 +32,7 @@ from .worker import TrainConfig, build, load_data, tracked_points
 
 def _score_range(cfg_dict: dict, checkpoints: list[tuple[int, str]], ids: np.ndarray, threads: int = 1) -> pa.Table:
     """Norms and losses of points ``ids`` at each checkpoint (one task's work)."""
-    from models.grad_norms import GradNormTracker
+    from dpledger.models.grad_norms import GradNormTracker
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from warehouse.errors import UserError
+from dpledger.warehouse.errors import UserError
 
 from .sweep import _task
 from .worker import TrainConfig

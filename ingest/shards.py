@@ -22,8 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from warehouse.errors import UserError
-from warehouse.sqlutil import append_arrow
+from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import append_arrow
 
 from . import load
 from .readers import Source, file_sha256, float_column, int_column

@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from warehouse.db import connect
-from warehouse.errors import UserError
-from warehouse.sqlutil import append_arrow
+from dpledger.warehouse.db import connect
+from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import append_arrow
 
 from . import load
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from warehouse.errors import UserError
-from warehouse.sqlutil import first
+from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import first
 
 from . import load
 from .readers import Source, bool_column, file_sha256, float_column, int_column, read_table, require_columns

@@ -37,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from warehouse.errors import UserError
+from dpledger.warehouse.errors import UserError
 
 from .worker import TrainConfig, validate
 

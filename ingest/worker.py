@@ -46,7 +46,7 @@ import torch.nn.functional as F
 # on every backward. Harmless here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-from warehouse.errors import UserError
+from dpledger.warehouse.errors import UserError
 
 from .sinks import safe_run_id
 
@@ -68,7 +68,7 @@ def _clipped_step(model: torch.nn.Module, optimizer, xb: torch.Tensor, yb: torch
     N(0, σ²C²) noise, divides by the expected batch size and steps. Returns the batch's
     summed (unweighted) loss.
     """
-    from models.grad_norms import opacus_hooks_off
+    from dpledger.models.grad_norms import opacus_hooks_off
 
     weights = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     with opacus_hooks_off(model):
@@ -184,7 +184,7 @@ def dataset_key(cfg: TrainConfig) -> str:
 
 
 def load_data(cfg: TrainConfig):
-    from models.datasets import DatasetError, load_dataset
+    from dpledger.models.datasets import DatasetError, load_dataset
 
     try:
         return load_dataset(cfg.dataset, cfg.data_path, seed=cfg.data_seed, n_train=cfg.n_train,
@@ -194,7 +194,7 @@ def load_data(cfg: TrainConfig):
 
 
 def build(cfg: TrainConfig, ds):
-    from models.nets import ModelError, build_model
+    from dpledger.models.nets import ModelError, build_model
 
     try:
         return build_model(cfg.model, ds.input_shape, ds.num_classes, seed=cfg.seed)
@@ -365,7 +365,7 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
         if cfg.target_epsilon is not None:
             from opacus.accountants.utils import get_noise_multiplier
 
-            from analysis.rdp import DEFAULT_ORDERS
+            from dpledger.analysis.rdp import DEFAULT_ORDERS
 
             try:
                 sigma = float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
@@ -415,7 +415,7 @@ def _train(cfg: TrainConfig, sink, resume: bool, db_dir: Path | None, on_progres
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    from models.grad_norms import GradNormTracker
+    from dpledger.models.grad_norms import GradNormTracker
 
     model = build(cfg, ds).to(device)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)

@@ -40,7 +40,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys):
     """Run ``dpledger ARGS`` in this process; returns exit code, stdout and stderr."""
-    from warehouse.cli import main
+    from dpledger.cli import main
 
     def run(*args) -> CliResult:
         capsys.readouterr()
@@ -75,7 +75,7 @@ def copy_as_run(src: Path, dst: Path, run: str) -> Path:
 
 def query_rows(db: Path, sql: str, params=None) -> list[tuple]:
     """Rows of ``sql`` on a read-only connection opened and closed for this one query."""
-    import warehouse
+    from dpledger import warehouse
 
     con = warehouse.connect(db, read_only=True)  # with the UDFs some views use
     try:

@@ -13,11 +13,11 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
-import warehouse
-from analysis import gla, rdp
+from dpledger import warehouse
+from dpledger.analysis import gla, rdp
 from conftest import table_snapshot
-from ingest import ingest_steps
-from warehouse import accounting
+from dpledger.ingest import ingest_steps
+from dpledger.warehouse import accounting
 
 ORDERS = list(rdp.DEFAULT_ORDERS)
 

@@ -8,7 +8,7 @@ import pytest
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from analysis.rdp import DEFAULT_ORDERS
+from dpledger.analysis.rdp import DEFAULT_ORDERS
 
 
 @pytest.mark.parametrize("q,sigma,steps,delta", [(0.004, 1.0, 10000, 1e-5), (0.01, 0.7, 500, 1e-6), (0.1, 2.0, 300, 1e-5)])

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from analysis import charts as C
-from analysis.report import Section, javascript_bundle, render_html, slugify, write_report
+from dpledger.analysis import charts as C
+from dpledger.analysis.report import Section, javascript_bundle, render_html, slugify, write_report
 
 
 # --------------------------------------------------------------------------- helpers

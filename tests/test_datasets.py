@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.datasets import DATASETS, Dataset, DatasetError, load_dataset
+from dpledger.models.datasets import DATASETS, Dataset, DatasetError, load_dataset
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

@@ -93,8 +93,8 @@ def _one_line_error(r) -> str:
 
 
 def _train_into_lake(lake: Path, run: str, run_dir: Path, worker: str = "w0", **overrides) -> dict:
-    from ingest.sinks import ShardSink
-    from ingest.worker import TrainConfig, train
+    from dpledger.ingest.sinks import ShardSink
+    from dpledger.ingest.worker import TrainConfig, train
 
     return train(TrainConfig(run=run, run_dir=str(run_dir), **{**CFG, **overrides}), ShardSink(lake, worker=worker))
 
@@ -120,8 +120,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 lake, where, seq, worker, cfg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
-import ingest.sinks as sinks
-from ingest.worker import TrainConfig, train
+import dpledger.ingest.sinks as sinks
+from dpledger.ingest.worker import TrainConfig, train
 
 def die_half_written(path, data):
     with open(path, "wb") as f:
@@ -160,8 +160,8 @@ sys.exit(3)  # the kill never landed
     ("manifest", "w0"),      # ... the manifest (all of commit 2's shards renamed, unlisted)
 ])
 def test_sigkill_mid_write_then_resume_matches_an_uninterrupted_run(tmp_path, cli, where, resume_worker):
-    from ingest.sinks import ShardSink
-    from ingest.worker import TrainConfig, train
+    from dpledger.ingest.sinks import ShardSink
+    from dpledger.ingest.worker import TrainConfig, train
 
     lake, db = tmp_path / "lake", tmp_path / "w.duckdb"
     cfg = {**CFG, "run": "r", "run_dir": str(tmp_path / "state-r")}
@@ -248,9 +248,9 @@ import sys, time
 from pathlib import Path
 config, lake, db, go, log = sys.argv[1:6]
 import opacus, torch  # imports done before the start signal
-import ingest.shards, ingest.sweep, ingest.worker, models.grad_norms
-import ingest.sinks as sinks
-from warehouse.cli import main
+import dpledger.ingest.shards, ingest.sweep, ingest.worker, models.grad_norms
+import dpledger.ingest.sinks as sinks
+from dpledger.cli import main
 real_commit = sinks.ShardSink.commit
 def commit(self, run_id, step, tables):
     real_commit(self, run_id, step, tables)
@@ -273,7 +273,7 @@ _READER_CHILD = r"""
 import contextlib, io, json, sys, time
 from pathlib import Path
 rdb, lake, stop, log = sys.argv[1:5]
-from warehouse.cli import main
+from dpledger.cli import main
 
 def query(*args):
     out, err = io.StringIO(), io.StringIO()
@@ -460,7 +460,7 @@ class _FullDiskFile:
 def _inject_full_disk(monkeypatch, where: str, lake: Path) -> None:
     """Make the lake's disk 'full' at one write of the run: the 2nd commit's point_steps shard,
     the 2nd commit's manifest (the commit point), or the final manifest ("finished")."""
-    import ingest.sinks as sinks
+    import dpledger.ingest.sinks as sinks
 
     if where == "shard":
         real = pq.write_table
@@ -529,7 +529,7 @@ def test_read_only_lake_is_one_error_and_commits_nothing_partially(tmp_path, cli
     """A real permission error: the lake folder read-only before the sweep, or the run's folder
     made read-only after its first commit (the shards of the 2nd commit can be written in
     their table folders, but the manifest, the commit point, cannot)."""
-    import ingest.sinks as sinks
+    import dpledger.ingest.sinks as sinks
 
     method = _read_only_method(tmp_path)
     if method is None:
@@ -658,8 +658,8 @@ def test_a_corrupt_shard_is_one_error_and_changes_nothing(tmp_path, cli, two_run
 
 
 def test_merging_again_and_rerunning_a_finished_sweep_change_nothing(tmp_path, cli):
-    from ingest.sinks import ShardSink
-    from ingest.worker import TrainConfig, train
+    from dpledger.ingest.sinks import ShardSink
+    from dpledger.ingest.worker import TrainConfig, train
 
     lake, db = tmp_path / "lake", tmp_path / "w.duckdb"
     config = _sweep_config(tmp_path / "i.toml", "i", [0, 1])

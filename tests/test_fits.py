@@ -13,7 +13,7 @@ from scipy.interpolate import PchipInterpolator
 from scipy.special import expit
 import torch
 
-from analysis import fits, rdp
+from dpledger.analysis import fits, rdp
 
 T = 9360
 

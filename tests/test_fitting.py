@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp
 
-import warehouse
-from analysis import rdp
-from ingest import ingest_steps
+from dpledger import warehouse
+from dpledger.analysis import rdp
+from dpledger.ingest import ingest_steps
 
 ORDERS = list(rdp.DEFAULT_ORDERS)
 

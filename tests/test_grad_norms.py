@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import grad_norms
-from models.grad_norms import (GradNormTracker, NormResult, _matmul_sq_norm, _use_ghost,
+from dpledger.models import grad_norms
+from dpledger.models.grad_norms import (GradNormTracker, NormResult, _matmul_sq_norm, _use_ghost,
                                per_example_grad_norms)
-from models.nets import MODELS, ModelError, build_model
+from dpledger.models.nets import MODELS, ModelError, build_model
 
 # (model, input shape, options): every model on 8x8 digits and 28x28 MNIST; ResNet narrow.
 CASES = [

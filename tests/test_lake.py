@@ -7,14 +7,14 @@ import shutil
 import duckdb
 import pytest
 
-import warehouse
-from warehouse import accounting
-from warehouse.lake import connect_lake
+from dpledger import warehouse
+from dpledger.warehouse import accounting
+from dpledger.warehouse.lake import connect_lake
 
 
 @pytest.fixture(scope="module")
 def lake_and_db(tmp_path_factory):
-    from warehouse.cli import main
+    from dpledger.cli import main
 
     d = tmp_path_factory.mktemp("lake")
     config = d / "s.toml"

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-import warehouse
-from analysis import links as L
+from dpledger import warehouse
+from dpledger.analysis import links as L
 from conftest import query_rows as _q, table_snapshot
 
 
@@ -97,7 +97,7 @@ def test_link_statistics_match_scipy():
 @pytest.fixture(scope="module")
 def study_db(tmp_path_factory):
     """A small real subset study on digits: 8 DP-SGD runs, half the points each."""
-    from warehouse.cli import main
+    from dpledger.cli import main
 
     d = tmp_path_factory.mktemp("study")
     config = d / "study.toml"
@@ -131,9 +131,9 @@ def test_curvature_scoring_and_links(study_db, tmp_path, cli):
     # one point against input_curvature called directly on the last checkpoint
     import torch
 
-    from analysis.curvature import input_curvature
-    from models.datasets import load_dataset
-    from models.nets import build_model
+    from dpledger.analysis.curvature import input_curvature
+    from dpledger.models.datasets import load_dataset
+    from dpledger.models.nets import build_model
 
     step, path = _q(study_db, "SELECT step, path FROM checkpoints WHERE run_id = 's0' ORDER BY step DESC LIMIT 1")[0]
     ds = load_dataset("digits", n_train=240, n_test=100)

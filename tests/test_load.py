@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.load import first_duplicate
+from dpledger.ingest.load import first_duplicate
 
 
 def _naive(columns):

@@ -27,8 +27,8 @@ def test_norms_at_checkpoints_equal_a_naive_backward(untracked, cli):
     ckpts = [c[0] for c in _q(db, "SELECT step FROM checkpoints ORDER BY step")]
     assert out["checkpoints"] == [s for s in ckpts if s + 1 < 12] and out["steps"] == [s + 1 for s in out["checkpoints"]]
     assert _q(db, "SELECT count(*), count(DISTINCT point_id) FROM point_steps") == [(120 * len(out["steps"]), 120)]
-    from models.datasets import load_dataset
-    from models.nets import build_model
+    from dpledger.models.datasets import load_dataset
+    from dpledger.models.nets import build_model
 
     ds = load_dataset("digits", n_train=120, n_test=60)
     step, path = _q(db, "SELECT step, path FROM checkpoints ORDER BY step LIMIT 1")[0]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from warehouse.cli import main
+from dpledger.cli import main
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore.ipynb"
 

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-import warehouse
+from dpledger import warehouse
 from conftest import table_snapshot
-from warehouse import tables
+from dpledger.warehouse import tables
 
 
 def test_query_refuses_writes(gla_db, cli):

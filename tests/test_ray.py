@@ -26,7 +26,7 @@ def _q(db, sql):
 @pytest.fixture(scope="module")
 def cluster():
     """One local cluster for the module, started as the executor starts its own."""
-    from ingest.ray_executor import start_local, stop_local
+    from dpledger.ingest.ray_executor import start_local, stop_local
 
     if ray.is_initialized():
         ray.shutdown()
@@ -93,8 +93,8 @@ def test_failing_run_is_reported_and_others_finish(tmp_path, cli, cluster):
 
 def test_task_that_raises_gives_a_failed_summary(tmp_path, cluster):
     """Any exception in a task (not only a UserError) is one failed run, not a crashed sweep."""
-    from ingest.ray_executor import run_sweep_ray
-    from ingest.worker import TrainConfig
+    from dpledger.ingest.ray_executor import run_sweep_ray
+    from dpledger.ingest.worker import TrainConfig
 
     good = TrainConfig(run="good", model="logreg", epochs=1, n_train=120, batch_size=20, track="6",
                        noise_multiplier=1.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from analysis import grid, rdp
+from dpledger.analysis import grid, rdp
 
 ORDERS = np.array(rdp.DEFAULT_ORDERS)
 

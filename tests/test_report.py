@@ -8,7 +8,7 @@ import re
 import pytest
 from PIL import Image
 
-from warehouse.cli import main
+from dpledger.cli import main
 
 SMALL = ["--dataset", "digits", "--n-train", "200", "--n-test", "100", "--batch-size", "20", "--model", "logreg",
          "--epochs", "2", "--track", "all"]

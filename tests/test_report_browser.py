@@ -27,8 +27,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import charts as C
-from analysis.report import Section, write_report
+from dpledger.analysis import charts as C
+from dpledger.analysis.report import Section, write_report
 
 TIMEOUT_S = 60
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-import warehouse
-from warehouse import db as dbmod
-from warehouse import tables
+from dpledger import warehouse
+from dpledger.warehouse import db as dbmod
+from dpledger.warehouse import tables
 
 DESIGN_TABLES = {
     "runs", "points", "membership", "steps", "point_steps", "evaluations",

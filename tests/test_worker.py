@@ -55,9 +55,9 @@ def test_clipping_with_tracked_norms_equals_opacus_per_sample_step(model_name, b
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    from ingest.worker import _clipped_step
-    from models.grad_norms import per_example_grad_norms
-    from models.nets import build_model
+    from dpledger.ingest.worker import _clipped_step
+    from dpledger.models.grad_norms import per_example_grad_norms
+    from dpledger.models.nets import build_model
 
     torch.manual_seed(0)
     base = build_model(model_name, (1, 8, 8), 10)
@@ -90,8 +90,8 @@ def test_clipping_with_tracked_norms_equals_opacus_per_sample_step(model_name, b
 
 
 def test_reusing_tracked_norms_trains_the_same_run(tmp_path):
-    from ingest.sinks import DuckDBSink
-    from ingest.worker import TrainConfig, train
+    from dpledger.ingest.sinks import DuckDBSink
+    from dpledger.ingest.worker import TrainConfig, train
 
     out = {}
     for reuse in (True, False):
@@ -133,8 +133,8 @@ def test_losses_and_norms_match_the_saved_checkpoint(db, cli):
     r = cli("train", *SMALL, "--model", "mlp", "--noise-multiplier", "1.0", "--epochs", "1", "--track", "8",
             "--eval-every", "4", "--run", "c", "--db", db)
     assert r.rc == 0, r
-    from models.datasets import load_dataset
-    from models.nets import build_model
+    from dpledger.models.datasets import load_dataset
+    from dpledger.models.nets import build_model
 
     ds = load_dataset("digits", seed=0, n_train=200, n_test=100)
     step, path = _q(db, "SELECT step, path FROM checkpoints ORDER BY step LIMIT 1")[0]
@@ -173,7 +173,7 @@ def test_target_epsilon_calibrates_sigma(db, cli):
     r = cli("train", *SMALL, "--model", "logreg", "--target-epsilon", "4", "--epochs", "1", "--track", "2",
             "--db", db, "--json")
     assert r.rc == 0, r
-    from analysis.rdp import dp_epsilon
+    from dpledger.analysis.rdp import dp_epsilon
 
     sigma = r.json()["noise_multiplier"]
     eps = dp_epsilon(0.1, sigma, 10, 1e-5)[0]
@@ -186,7 +186,7 @@ RESUME_STEPS = 200
 
 
 def _train_cmd(db, run, extra=()):
-    return [sys.executable, "-m", "warehouse.cli", "train", *SMALL, "--model", "mlp", "--noise-multiplier", "1.0",
+    return [sys.executable, "-m", "dpledger", "train", *SMALL, "--model", "mlp", "--noise-multiplier", "1.0",
             "--epochs", str(RESUME_STEPS // 10), "--track", "12", "--commit-every", "3", "--eval-every", "7",
             "--run", run, "--db", str(db), *extra]
 
@@ -211,7 +211,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     committed = _q(db, "SELECT committed_step, status FROM runs WHERE run_id = 'killed'")[0]
     assert committed[1] == "running" and 20 <= committed[0] < RESUME_STEPS - 1
     assert _q(db, "SELECT max(step) FROM point_steps") == [(committed[0],)]  # nothing past the marker
-    r = subprocess.run([sys.executable, "-m", "warehouse.cli", "train", "--resume", "killed", "--db", str(db)],
+    r = subprocess.run([sys.executable, "-m", "dpledger", "train", "--resume", "killed", "--db", str(db)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"resumed at step {committed[0] + 1}" in r.stdout
@@ -301,7 +301,7 @@ def test_subset_runs_record_membership(db, cli):
 def test_a_killed_run_is_listed_as_incomplete(db, cli):
     import json
 
-    import warehouse
+    from dpledger import warehouse
 
     r = cli("train", *SMALL, "--model", "logreg", "--noise-multiplier", "1.0", "--epochs", "1", "--track", "3",
             "--run", "r", "--db", db)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analysis import gla, grid as gridmod, rdp
+from dpledger.analysis import gla, grid as gridmod, rdp
 
 from .errors import UserError
 from .sqlutil import append_arrow, scalar
@@ -469,7 +469,7 @@ def account(
         raise UserError(f"--grid {grid} must be an integer of at least 2")
     if legacy_scaling and rule != "gla":
         raise UserError("--legacy-scaling goes with --rule gla")
-    from analysis.fits import METHODS
+    from dpledger.analysis.fits import METHODS
 
     if fill not in METHODS:
         raise UserError(f"--fill {fill}: expected one of {', '.join(METHODS)}")

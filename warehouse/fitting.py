@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from analysis import fits
+from dpledger.analysis import fits
 
 from .errors import UserError
 

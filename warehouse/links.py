@@ -7,7 +7,7 @@ import json
 
 import pandas as pd
 
-from analysis import links as L
+from dpledger.analysis import links as L
 
 from .errors import UserError
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import charts, grid, rdp
-from analysis.report import Section, write_report
+from dpledger.analysis import charts, grid, rdp
+from dpledger.analysis.report import Section, write_report
 
 from .errors import UserError
 
@@ -86,7 +86,7 @@ def _cumulative_from_dense(run: dict, ratios: np.ndarray, point_ids, every: int,
 
 def fitted_curves(con, run: dict, groups: dict[str, list[int]], methods=("linear", "pchip")) -> pd.DataFrame:
     """Cumulative ε of the plotted points under fills between checkpoints (analysis.fits)."""
-    from analysis import fits
+    from dpledger.analysis import fits
 
     from .accounting import load_runs
     from .fitting import run_records

@@ -1,6 +1,21 @@
-"""Small helpers over DuckDB results."""
+"""Small helpers over DuckDB connections and results: the one ``transaction()``."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def transaction(con) -> Iterator[None]:
+    """``BEGIN`` … ``COMMIT``, or ``ROLLBACK`` on any exception: all of a block's writes or none."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def first(result):

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from analysis import gla, rdp
+from dpledger.analysis import gla, rdp
 
 
 @dataclass(frozen=True)

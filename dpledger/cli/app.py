@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UserError
+from dpledger.warehouse.errors import UserError
 
 app = typer.Typer(
     name="dpledger",
@@ -44,7 +44,7 @@ def _err(message: str) -> None:
 
 
 def _format(fmt: str, json_flag: bool = False) -> str:
-    from .output import FORMATS
+    from dpledger.warehouse.output import FORMATS
 
     if json_flag:
         return "json"
@@ -56,8 +56,8 @@ def _format(fmt: str, json_flag: bool = False) -> str:
 @app.command()
 def init(db: DbOption = None, json: JsonOption = False) -> None:
     """Create the database, or upgrade it to the current schema (idempotent)."""
-    from . import db as dbmod
-    from .output import to_json
+    from dpledger.warehouse import db as dbmod
+    from dpledger.warehouse.output import to_json
 
     summary = dbmod.init(db)
     if json:
@@ -69,7 +69,7 @@ def init(db: DbOption = None, json: JsonOption = False) -> None:
 
 
 def _print_ingest_results(results: list[dict], json: bool) -> None:
-    from .output import to_json
+    from dpledger.warehouse.output import to_json
 
     if json:
         print(to_json(results))
@@ -91,9 +91,9 @@ def ingest_gla_csv(
     json: JsonOption = False,
 ) -> None:
     """Ingest per-point CSV files in the GLA format (one run per res_name)."""
-    from ingest import ingest_gla_csv as do_ingest
+    from dpledger.ingest import ingest_gla_csv as do_ingest
 
-    from .db import connect
+    from dpledger.warehouse.db import connect
 
     con = connect(db)
     try:
@@ -119,9 +119,9 @@ def ingest_steps(
     json: JsonOption = False,
 ) -> None:
     """Ingest per-point, per-step gradient norms from any tool (CSV or Parquet)."""
-    from ingest import ingest_steps as do_ingest
+    from dpledger.ingest import ingest_steps as do_ingest
 
-    from .db import connect
+    from dpledger.warehouse.db import connect
 
     con = connect(db)
     try:
@@ -149,8 +149,8 @@ def query(
     json: JsonOption = False,
 ) -> None:
     """Run SQL on the warehouse, opened read-only; parameters are bound, never pasted."""
-    from .output import emit
-    from .query import parse_params, run_query
+    from dpledger.warehouse.output import emit
+    from dpledger.warehouse.query import parse_params, run_query
 
     pairs = []
     for p in param or []:
@@ -166,9 +166,9 @@ def query(
 @app.command()
 def runs(db: DbOption = None, json: JsonOption = False, format: Annotated[str, typer.Option("--format", "-f")] = "table") -> None:
     """List runs with their DP-SGD parameters and row counts."""
-    from .db import connect
-    from .output import emit
-    from .query import list_runs
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import emit
+    from dpledger.warehouse.query import list_runs
 
     fmt = _format(format, json)
     con = connect(db, read_only=True)
@@ -202,14 +202,14 @@ def account(
     """Compute per-example epsilon (point_epsilon) for runs under a composition rule."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .accounting import account as do_account
-    from .db import connect
-    from .output import to_json
+    from dpledger.warehouse.accounting import account as do_account
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import to_json
 
     if lake is not None:
         import tempfile
 
-        from ingest.lake_account import account_lake
+        from dpledger.ingest.lake_account import account_lake
 
         with tempfile.TemporaryDirectory(prefix="dpledger-spill-") as spill:
             summaries = account_lake(lake, db, run, executor=executor, address=address, memory_limit=memory_limit,
@@ -263,9 +263,9 @@ def fit(
     json: JsonOption = False,
 ) -> None:
     """Fit per-step cost curves between checkpoints; with --holdout, how well each predicts held-out ones."""
-    from .db import connect
-    from .fitting import fit_run
-    from .output import emit, to_json
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.fitting import fit_run
+    from dpledger.warehouse.output import emit, to_json
 
     import pyarrow as pa
 
@@ -302,10 +302,10 @@ def curvature(
     """Input-loss curvature (Hutchinson trace of the input Hessian) of the run's points at its checkpoints."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.curvature import score_run
+    from dpledger.ingest.curvature import score_run
 
-    from .db import connect
-    from .output import to_json
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import to_json
 
     con = connect(db)
     try:
@@ -338,10 +338,10 @@ def norms(
     """Per-point gradient norms at a run's checkpoints, split by point ranges across tasks."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.norm_scoring import score_norms
+    from dpledger.ingest.norm_scoring import score_norms
 
-    from .db import connect
-    from .output import to_json
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import to_json
 
     con = connect(db)
     try:
@@ -372,9 +372,9 @@ def links(
     json: JsonOption = False,
 ) -> None:
     """Per-example epsilon vs curvature, memorization and MIA: correlations, top-k overlap, bound check."""
-    from .db import connect
-    from .links import links as do_links
-    from .output import print_table, records, to_json
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.links import links as do_links
+    from dpledger.warehouse.output import print_table, records, to_json
 
     import pyarrow as pa
 
@@ -413,9 +413,9 @@ def rank(
     json: JsonOption = False,
 ) -> None:
     """Points of a run ranked by per-example epsilon, beside the run's data-independent epsilon."""
-    from .accounting import rank as do_rank
-    from .db import connect
-    from .output import emit
+    from dpledger.warehouse.accounting import rank as do_rank
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import emit
 
     fmt = _format(format, json)
     con = connect(db, read_only=True)
@@ -439,8 +439,8 @@ def budget(
     json: JsonOption = False,
 ) -> None:
     """Epsilon of DP-SGD (or the noise multiplier for a target epsilon), no training needed."""
-    from .accounting import budget as do_budget
-    from .output import to_json
+    from dpledger.warehouse.accounting import budget as do_budget
+    from dpledger.warehouse.output import to_json
 
     out = do_budget(sample_rate, delta, noise_multiplier=noise_multiplier, steps=steps, epochs=epochs,
                     accountant=accountant, target_epsilon=target_epsilon)
@@ -489,12 +489,12 @@ def train(
     """Train with DP-SGD (Opacus), recording per-point gradient norms and losses into the warehouse."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from analysis.rdp import epsilon_from_rdp, rdp_sgm
-    from ingest.sinks import DuckDBSink
-    from ingest.worker import TrainConfig, train as do_train
+    from dpledger.analysis.rdp import epsilon_from_rdp, rdp_sgm
+    from dpledger.ingest.sinks import DuckDBSink
+    from dpledger.ingest.worker import TrainConfig, train as do_train
 
-    from .db import resolve_db_path
-    from .output import to_json
+    from dpledger.warehouse.db import resolve_db_path
+    from dpledger.warehouse.output import to_json
 
     cfg = TrainConfig(run=resume or run, dataset=dataset, data_path=data_path, model=model, epochs=epochs,
                       batch_size=batch_size, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
@@ -546,10 +546,10 @@ def ingest_memorization(
     json: JsonOption = False,
 ) -> None:
     """Import published memorization scores; the index order is the file's own (see --index)."""
-    from ingest.memorization import ingest_memorization as do_ingest
+    from dpledger.ingest.memorization import ingest_memorization as do_ingest
 
-    from .db import connect
-    from .output import to_json
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import to_json
 
     con = connect(db)
     try:
@@ -572,10 +572,10 @@ def ingest_shards(
     json: JsonOption = False,
 ) -> None:
     """Merge the committed Parquet shards of a lake into the database (idempotent)."""
-    from ingest.shards import ingest_shards as do_merge
+    from dpledger.ingest.shards import ingest_shards as do_merge
 
-    from .db import connect
-    from .output import to_json
+    from dpledger.warehouse.db import connect
+    from dpledger.warehouse.output import to_json
 
     con = connect(db)
     try:
@@ -605,12 +605,12 @@ def sweep(
     """Train a grid of runs across local processes or a Ray cluster into a Parquet lake, then merge it into the database."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.shards import ingest_shards as do_merge
-    from ingest.sweep import check_executor, load_config
-    from ingest.sweep import run as run_sweep
+    from dpledger.ingest.shards import ingest_shards as do_merge
+    from dpledger.ingest.sweep import check_executor, load_config
+    from dpledger.ingest.sweep import run as run_sweep
 
-    from .db import connect, resolve_db_path
-    from .output import to_json
+    from dpledger.warehouse.db import connect, resolve_db_path
+    from dpledger.warehouse.output import to_json
 
     check_executor(executor, workers, address)
     configs = load_config(config)
@@ -650,8 +650,8 @@ def report(
     json: JsonOption = False,
 ) -> None:
     """Write an HTML report (Altair charts inlined) of a run's per-example privacy."""
-    from .output import to_json
-    from .report import report as do_report
+    from dpledger.warehouse.output import to_json
+    from dpledger.warehouse.report import report as do_report
 
     result = do_report(db, run, out, png, rule=rule, k=k)
     if json:
@@ -670,9 +670,9 @@ def demo(
     """Train DP-SGD on the bundled digits tracking every point, account per-example epsilon, rank, report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.demo import run_demo
+    from dpledger.ingest.demo import run_demo
 
-    from .output import emit, records, to_json
+    from dpledger.warehouse.output import emit, records, to_json
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=_stderr_console(),
@@ -742,5 +742,5 @@ def entry() -> None:  # pragma: no cover - console script
     sys.exit(main())
 
 
-if __name__ == "__main__":  # python -m warehouse.cli
+if __name__ == "__main__":  # python -m dpledger
     entry()
