@@ -9,6 +9,8 @@ The public API, for notebooks and scripts::
     dpledger.account(con, ["my-run"])                           # per-example epsilon
     dpledger.rank(con, "my-run", highest=10)
     dpledger.report("dpledger.duckdb", "my-run", "report.html")
+    dpledger.train(dpledger.TrainConfig(run="r1", epochs=2), "dpledger.duckdb")   # DP-SGD, norms tracked
+    dpledger.sweep("study.toml", "dpledger.duckdb", workers=2)                   # a grid, merged
 
 Names are loaded on first use, so ``import dpledger`` (and the CLI's start-up)
 does not pay for torch, opacus or altair until they are needed.
@@ -22,14 +24,25 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _API = {
-    "UserError": ("dpledger.warehouse.errors", "UserError"),
+    # the warehouse
     "connect": ("dpledger.warehouse.db", "connect"),
-    "init": ("dpledger.warehouse.db", "init"),
     "engine": ("dpledger.warehouse.engine", "engine"),
+    "init": ("dpledger.warehouse.db", "init"),
+    "UserError": ("dpledger.warehouse.errors", "UserError"),
+    "ParameterError": ("dpledger.analysis.validate", "ParameterError"),
+    # privacy
+    "budget": ("dpledger.analysis.budget", "budget"),
+    "steps_from_epochs": ("dpledger.analysis.budget", "steps_from_epochs"),
     "account": ("dpledger.warehouse.accounting", "account"),
-    "rank": ("dpledger.warehouse.accounting", "rank"),
-    "budget": ("dpledger.warehouse.accounting", "budget"),
-    "report": ("dpledger.warehouse.report", "report"),
+    "rank": ("dpledger.warehouse.rank", "rank"),
+    "report": ("dpledger.warehouse.report_frames", "report"),
+    "links": ("dpledger.warehouse.point_links", "links"),
+    # workflows
+    "TrainConfig": ("dpledger.ingest.worker", "TrainConfig"),
+    "train": ("dpledger.workflows", "train"),
+    "sweep": ("dpledger.workflows", "sweep"),
+    "account_lake": ("dpledger.lake_accounting", "account_lake"),
+    "run_demo": ("dpledger.demo", "run_demo"),
 }
 
 __all__ = ["__version__", *_API]

@@ -6,7 +6,7 @@ import duckdb
 import pytest
 
 from dpledger import warehouse
-from dpledger.warehouse import db as dbmod
+from dpledger.warehouse import schema as dbmod
 from dpledger.warehouse import tables
 
 DESIGN_TABLES = {
@@ -87,7 +87,7 @@ def test_default_path_comes_from_env(monkeypatch, tmp_path, cli):
     monkeypatch.setenv("DPLEDGER_DB", str(tmp_path / "env.duckdb"))
     assert cli("init").rc == 0
     assert (tmp_path / "env.duckdb").exists()
-    assert dbmod.resolve_db_path("explicit.duckdb").name == "explicit.duckdb"
+    assert warehouse.resolve_db_path("explicit.duckdb").name == "explicit.duckdb"
 
 
 def test_sqlalchemy_declarations_match_the_sql_schema(db):

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import duckdb
 
-from .db import _open, upgrade
+from .connection import open_connection
 from .errors import UserError
+from .schema import upgrade
 
 FACT_COLUMNS = {
     "point_steps": ["run_id", "step", "point_id", "grad_norm", "norm_clipped", "loss", "sampled"],
@@ -95,7 +96,7 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
         config["temp_directory"] = str(temp_directory)
     if threads:
         config["threads"] = threads
-    con = _open(Path(":memory:"), False, config)
+    con = open_connection(Path(":memory:"), False, config)
     try:
         upgrade(con)  # the schema, in memory
         attached = False

@@ -1,5 +1,65 @@
-"""The ``dpledger`` command line (typer), split by command group; see :mod:`dpledger.cli.app`."""
+"""The ``dpledger`` command line (typer), a thin face over library calls.
 
-from .app import app, entry, main
+Every command parses its flags, calls one library function and prints. Errors the
+user can fix (bad files, parameters, unknown runs) print one line on stderr and
+exit 2 — the library's parameter names shown as this CLI's flags; ``--json`` output
+is pure JSON on stdout, with logs and progress on stderr. Commands live by group in
+:mod:`.ingest`, :mod:`.accounting`, :mod:`.training` and :mod:`.reading`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from dpledger.analysis.validate import ParameterError
+from dpledger.warehouse.errors import UserError
+
+from . import reading, accounting, training, ingest  # noqa: F401,I001 - each registers its commands on app, in this order
+from .common import app, err, flagged
 
 __all__ = ["app", "entry", "main"]
+
+
+def _normalise_param_pairs(argv: list[str]) -> list[str]:
+    """``-p name value`` -> ``-p name=value`` (typer options take one value each)."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-p", "--param") and i + 2 < len(argv) and "=" not in argv[i + 1]:
+            out += [tok, f"{argv[i + 1]}={argv[i + 2]}"]
+            i += 3
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app, turning user errors into one line and exit 2."""
+    from typer.exceptions import Abort, TyperException
+
+    args = _normalise_param_pairs(list(sys.argv[1:] if argv is None else argv))
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="dpledger", standalone_mode=False)
+    except (UserError, ParameterError) as exc:
+        err(f"error: {flagged(str(exc), exc.params)}")
+        return 2
+    except Abort:
+        err("aborted")
+        return 130
+    except TyperException as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err(f"error: {message}{hint}")
+        return 2
+    except BrokenPipeError:
+        return 0
+    return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:  # pragma: no cover - console script
+    sys.exit(main())

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from dpledger.warehouse.accounting import account, rank
+from dpledger.ingest.sinks import DuckDBSink
+from dpledger.ingest.worker import TrainConfig, train
+from dpledger.warehouse.accounting import account
 from dpledger.warehouse.db import connect
-from dpledger.warehouse.report import build_report
-
-from .sinks import DuckDBSink
-from .worker import TrainConfig, train
+from dpledger.warehouse.rank import rank
+from dpledger.warehouse.report_frames import build_report
 
 DEMO_RUN = "demo-digits-mlp"
 

@@ -1,6 +1,8 @@
-"""``dpledger account --lake LAKE``: per-example ε over a Parquet lake, in place.
+"""Per-example ε over a Parquet lake, in place (``dpledger account --lake LAKE``).
 
-The runs are composed over the lake's committed shards (:func:`warehouse.lake.connect_lake`:
+A face workflow: it ties the lake reader, the accounting job, the Ray executor and
+the loader together. The runs are composed over the lake's committed shards
+(:func:`dpledger.warehouse.lake.connect_lake`:
 DuckDB streams the Parquet, out of core), one run at a time or one Ray task per run
 (``executor="ray"``), and the results (``accountings``, ``point_epsilon``,
 ``config_epsilon``) are written to the database with the runs and their points, so
@@ -14,12 +16,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpledger.warehouse.accounting import account, refresh_config_epsilon
+from dpledger.ingest import load
+from dpledger.ingest.ray_executor import map_tasks
+from dpledger.warehouse.accounting import account
+from dpledger.warehouse.config_epsilon import refresh_config_epsilon
 from dpledger.warehouse.db import connect
 from dpledger.warehouse.errors import UserError
 from dpledger.warehouse.lake import connect_lake, lake_runs
-
-from . import load
+from dpledger.warehouse.runs import unknown_run
+from dpledger.warehouse.sqlutil import transaction
 
 RESULT_TABLES = ("accountings", "point_epsilon", "config_epsilon")
 
@@ -42,7 +47,7 @@ def account_lake(lake: str | Path, db, run_ids: list[str] | None = None, *, exec
     wanted = list(run_ids) if run_ids else sorted(runs)
     missing = [r for r in wanted if r not in runs]
     if missing:
-        raise UserError(f"unknown run '{missing[0]}' in lake {lake} (runs: {', '.join(sorted(runs)[:8]) or 'none'})")
+        raise unknown_run(missing[0], sorted(runs)[:8], f" in lake {lake}")
     if not wanted:
         raise UserError(f"{lake}: no committed runs")
     base = {**options, "memory_limit": memory_limit, "temp_directory": str(temp_directory) if temp_directory else None}
@@ -50,16 +55,14 @@ def account_lake(lake: str | Path, db, run_ids: list[str] | None = None, *, exec
         # gla composes whole configurations at once: one task for all
         parts = [_account_runs(str(lake), wanted, dict(base))]
     elif executor == "ray":
-        from .ray_executor import map_tasks
-
         parts = map_tasks(_account_runs, [(str(lake), [r], dict(base)) for r in wanted], address=address)
     else:
-        raise UserError(f"--executor {executor}: expected local or ray")
+        raise UserError(f"executor {executor}: expected local or ray", "executor")
     summaries = [s for part in parts for s in part[0]]
     results = {t: pa.concat_tables([p[1][t] for p in parts]) for t in RESULT_TABLES}
     con = connect(db)
     try:
-        with load.transaction(con):
+        with transaction(con):
             for run_id in wanted:
                 item = runs[run_id]
                 run = dict(item["run"])

@@ -1,0 +1,105 @@
+"""What every command shares: the typer apps, common options, the one way to open the
+warehouse for a command, the one progress bar, and printing to stderr.
+
+The library speaks of parameters by their Python names (``sample_rate``); the CLI
+speaks of flags (``--sample-rate``): :func:`flagged` turns one into the other in
+error messages.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, Optional
+
+import typer
+
+from dpledger.warehouse.errors import UserError
+
+from .output import FORMATS, to_json
+
+app = typer.Typer(
+    name="dpledger",
+    help="A per-example privacy ledger for DP-SGD: ingest per-point gradient norms, account, rank, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+ingest_app = typer.Typer(help="Load files into the warehouse (idempotent: a file already loaded is skipped).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+DbOption = Annotated[
+    Optional[Path],
+    typer.Option("--db", help="Database file (default: $DPLEDGER_DB or ./dpledger.duckdb)", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")]
+
+
+def err(message: str) -> None:
+    """One line on stderr."""
+    sys.stderr.write(message.rstrip() + "\n")
+
+
+def flag(param: str) -> str:
+    """``sample_rate`` -> ``--sample-rate``."""
+    return "--" + param.replace("_", "-")
+
+
+def flagged(message: str, params) -> str:
+    """The library's message with each parameter it names (``params``) written as its flag."""
+    for param in params or ():
+        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag(param), message)
+    return message
+
+
+def output_format(fmt: str, json_flag: bool = False) -> str:
+    """``--format`` checked (``--json`` wins)."""
+    if json_flag:
+        return "json"
+    if fmt not in FORMATS:
+        raise UserError(f"format {fmt}: expected one of {', '.join(FORMATS)}", "format")
+    return fmt
+
+
+@contextmanager
+def connected(db, read_only: bool = False) -> Iterator:
+    """The warehouse at ``db`` (``--db``), closed when the command is done."""
+    from dpledger.warehouse.db import connect
+
+    con = connect(db, read_only=read_only)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def progress(description: str, unit: str, *, disable: bool = False, info: bool = False,
+             remaining: bool = False) -> Iterator[Callable[..., None]]:
+    """A transient progress bar on stderr; yields ``update(completed=, total=, description=, info=)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}")]
+    if info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    columns.append(TimeElapsedColumn())
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=disable) as bar:
+        task = bar.add_task(description, total=None, info="")
+
+        def update(**fields) -> None:
+            bar.update(task, **{k: v for k, v in fields.items() if v is not None})
+
+        yield update
+
+
+def print_json(obj) -> None:
+    print(to_json(obj))

@@ -1,0 +1,55 @@
+"""Workflows that tie the layers together: train into a database, sweep then merge.
+
+The face's job: each function here is what one CLI command does, callable from a
+notebook with the same result (a sweep run from Python leaves its rows in the
+database, not only in the lake).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from dpledger.ingest.shards import ingest_shards
+from dpledger.ingest.sinks import DuckDBSink
+from dpledger.ingest.sweep import check_executor, load_config
+from dpledger.ingest.sweep import run as run_sweep
+from dpledger.ingest.worker import TrainConfig, train as train_with_sink
+from dpledger.warehouse.db import connect, resolve_db_path
+
+
+def train(cfg: TrainConfig, db=None, *, resume: bool = False,
+          on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Train one DP-SGD run (``cfg``) recording into the database ``db``; returns its summary.
+
+    ``resume=True`` continues run ``cfg.run`` from its last committed step. Checkpoints
+    and resume state go to ``runs/`` beside the database.
+    """
+    db_path = resolve_db_path(db)
+    sink = DuckDBSink(db_path)
+    try:
+        return train_with_sink(cfg, sink, resume=resume, db_dir=db_path.resolve().parent, on_progress=on_progress)
+    finally:
+        sink.close()
+
+
+def sweep(config: str | Path | list[TrainConfig], db=None, *, lake: str | Path | None = None,
+          executor: str = "local", workers: int = 1, address: str | None = None,
+          on_done: Callable[[dict, int, int], None] | None = None) -> dict:
+    """Train a grid of runs (a TOML file, or configs) into a Parquet lake, then merge it into ``db``.
+
+    The lake defaults to ``lake/`` beside the database. Returns ``{"runs": [...], "merged": [...],
+    "lake": ..., "db": ...}``; failed runs are in ``runs`` with their error.
+    """
+    check_executor(executor, workers, address)
+    configs = config if isinstance(config, list) else load_config(config)
+    db_path = resolve_db_path(db)
+    lake_dir = Path(lake) if lake is not None else db_path.resolve().parent / "lake"
+    connect(db_path).close()  # a bad database path fails now, not after training
+    results = run_sweep(configs, lake_dir, executor, workers, address, on_done=on_done)
+    con = connect(db_path)
+    try:
+        merged = ingest_shards(con, lake_dir)
+    finally:
+        con.close()
+    return {"runs": results, "merged": merged, "lake": str(lake_dir), "db": str(db_path)}

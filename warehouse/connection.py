@@ -1,0 +1,56 @@
+"""Opening DuckDB for the warehouse: the one place the project calls ``duckdb.connect``.
+
+Store layer. Every connection gets the project's UDFs (registered before anything
+else runs: DuckDB refuses to register a function while a result is open), the same
+user agent as duckdb-engine (so a notebook may hold a connection and a SQLAlchemy
+engine on one file at once), and no extension auto-install or auto-load (nothing
+is ever fetched from the network because of a file's contents).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from .errors import UserError
+from .udfs import register_udfs
+
+# DuckDB would otherwise download and load an extension when a file or statement
+# asks for one (a SQLite file passed as the database, say).
+SAFE_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
+def _user_agent() -> str | None:
+    """The user agent duckdb-engine gives its connections. DuckDB refuses a second
+    connection to a file in one process with a different configuration, so
+    ``connect`` uses the same one and a notebook can hold both at once."""
+    try:
+        import sqlalchemy
+        from duckdb_engine import __version__
+    except ImportError:
+        return None
+    return f"duckdb_engine/{__version__}(sqlalchemy/{sqlalchemy.__version__})"
+
+
+def open_connection(db_path: Path, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection to ``db_path`` (``:memory:`` for none) with the UDFs registered;
+    failures to open are one-line :class:`UserError`s."""
+    config = {**SAFE_CONFIG, **config}
+    agent = _user_agent()
+    if agent and "custom_user_agent" not in config:
+        config["custom_user_agent"] = agent
+
+    try:
+        con = duckdb.connect(str(db_path), read_only=read_only, config=config)
+    except duckdb.Error as exc:
+        msg = str(exc).splitlines()[0]
+        if "lock" in msg.lower():
+            raise UserError(f"database {db_path} is in use by another process ({msg})") from None
+        raise UserError(f"cannot open database {db_path}: {msg}") from None
+    try:
+        register_udfs(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
