@@ -41,7 +41,7 @@ def connect(
 
     ``read_only=True`` opens the file in DuckDB's read-only access mode (writes fail)
     and requires an existing, current database; ``external_access=False`` also stops
-    SQL from reading or writing other files (``dpledger query`` without --allow-files).
+    SQL from reading or writing other files (``dpledger query`` unless files are allowed).
     Read-write opening creates the file and applies pending migrations.
 
     ``lake=DIR`` attaches a Parquet lake instead: an in-memory warehouse whose tables
@@ -53,7 +53,7 @@ def connect(
         return connect_lake(lake, existing if existing.exists() else None)
     db_path = resolve_db_path(path)
     if read_only and not db_path.exists():
-        raise UserError(f"no dpledger database at {db_path} (create it with `dpledger init --db {db_path}`)")
+        raise UserError(f"no dpledger database at {db_path} (create it with `dpledger init` or dpledger.init())")
     if not read_only and not db_path.parent.exists():
         raise UserError(f"cannot create database {db_path}: folder {db_path.parent} does not exist")
     cfg = dict(config or {})

@@ -1,37 +1,19 @@
-"""Read-only querying: ``dpledger query`` and ``dpledger runs``."""
+"""Read-only querying of the warehouse (``dpledger query``, ``dpledger runs``): user values are
+bound parameters, never pasted into SQL."""
 
 from __future__ import annotations
 
+import json
 import os
-import re
+import socket
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from .db import connect
+from .db import connect, resolve_db_path
 from .errors import UserError
-
-_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def parse_param_value(text: str):
-    """A parameter from the command line: an integer, a float, or else the string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_params(pairs: list[tuple[str, str]] | None) -> dict:
-    params = {}
-    for name, value in pairs or []:
-        if not _PARAM_NAME.match(name):
-            raise UserError(f"-p {name}: a parameter name is letters, digits and _ (used as ${name} in the SQL)")
-        params[name] = parse_param_value(value)
-    return params
-
+from .lake import connect_lake
 
 def run_query(
     sql: str,
@@ -58,17 +40,12 @@ def run_query(
                 return pa.table({})
             return relation.to_arrow_table()
         except duckdb.Error as exc:
-            raise UserError(_query_error(exc)) from None
+            raise UserError(_query_error(exc), "allow_files") from None
     finally:
         con.close()
 
 
 def _lake_connection(lake, path, allow_files: bool):
-    from pathlib import Path
-
-    from .db import resolve_db_path
-    from .lake import connect_lake
-
     db_path = resolve_db_path(path)
     con = connect_lake(lake, db_path if db_path.exists() else None)
     if not allow_files:
@@ -84,7 +61,7 @@ def _query_error(exc: duckdb.Error) -> str:
     if "read-only mode" in first or "read_only" in first.lower():
         return f"query: the database is open read-only; write statements are refused ({first})"
     if "file system operations are disabled" in first or "external access" in first.lower():
-        return f"query: reading or writing files from SQL is off; pass --allow-files to allow it ({first})"
+        return f"query: reading or writing files from SQL is off; allow_files lets it ({first})"
     return f"query: {first}"
 
 
@@ -107,9 +84,6 @@ ORDER BY r.run_id
 
 def _worker_gone(config) -> bool:
     """A run still marked running whose worker process, on this host, no longer exists."""
-    import json
-    import socket
-
     try:
         worker = json.loads(config).get("worker") if config else None
     except ValueError:

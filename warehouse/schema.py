@@ -163,9 +163,9 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
 def check_current(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     version = schema_version(con)
     if version == 0:
-        raise UserError(f"{path} is not a dpledger database (run `dpledger init --db {path}`)")
+        raise UserError(f"{path} is not a dpledger database (create it with `dpledger init` or dpledger.init())")
     if version != latest_version() or _meta(con, "views_sha256") != _views_digest(view_sources()):
         raise UserError(
             f"{path} has schema version {version} but this dpledger expects "
-            f"{latest_version()}; run `dpledger init --db {path}` to upgrade it"
+            f"{latest_version()}; upgrade it with `dpledger init` or dpledger.init()"
         )

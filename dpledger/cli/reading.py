@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +11,27 @@ import typer
 from dpledger.warehouse.errors import UserError
 
 from .common import DbOption, FormatOption, JsonOption, app, connected, output_format, print_json
+
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_param_value(text: str):
+    """A parameter from the command line: an integer, a float, or else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(pairs: list[tuple[str, str]] | None) -> dict:
+    params = {}
+    for name, value in pairs or []:
+        if not _PARAM_NAME.match(name):
+            raise UserError(f"-p {name}: a parameter name is letters, digits and _ (used as ${name} in the SQL)")
+        params[name] = parse_param_value(value)
+    return params
 
 
 @app.command()
@@ -40,7 +62,7 @@ def query(
     json: JsonOption = False,
 ) -> None:
     """Run SQL on the warehouse, opened read-only; parameters are bound, never pasted."""
-    from dpledger.warehouse.query import parse_params, run_query
+    from dpledger.warehouse.query import run_query
 
     from .output import emit
 
