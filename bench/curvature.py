@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dpledger.analysis.curvature import default_chunk_size, input_curvature  # noqa: E402
+from dpledger.models.curvature import default_chunk_size, input_curvature  # noqa: E402
 
 SHAPE = (1, 28, 28)
 CLASSES = 10

@@ -4,7 +4,7 @@ Starts one local Ray cluster (127.0.0.1, usage stats off; ``--cpus``, default al
 cores), warms its workers up (Python + torch imported in each, so neither side pays
 worker start-up), then times, in the same process:
 
-* **1 task**: one Ray task that trains the runs one after another (``ingest.sweep._task``
+* **1 task**: one Ray task that trains the runs one after another (``ingest.tasks.train_in_lake``
   each, 1 torch thread), into its own lake;
 * **N tasks**: ``ingest.ray_executor.run_sweep_ray``, one task per run, into another lake.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from dpledger.ingest.ray_executor import run_sweep_ray, start_local, stop_local  # noqa: E402
-from dpledger.ingest.sweep import _task  # noqa: E402
+from dpledger.ingest.tasks import train_in_lake  # noqa: E402
 from dpledger.ingest.worker import TrainConfig  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def configs(n: int, epochs: float, model: str) -> list[TrainConfig]:
 
 
 def _sequential(cfg_dicts: list[dict], lake: str) -> list[dict]:
-    return [_task(d, lake, "seq", 1) for d in cfg_dicts]
+    return [train_in_lake(d, lake, "seq", 1) for d in cfg_dicts]
 
 
 def _warm(_: int) -> int:

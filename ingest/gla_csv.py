@@ -14,7 +14,7 @@ One row per (run, checkpoint step, point). Columns used (others are kept, per ru
 ``epochs`` ``eps`` ``seed`` ``dataset`` ``model`` ``lr`` ``dp``  run parameters
 ``correct``         the point is classified correctly at that checkpoint
 ``accuracy``        test accuracy at that checkpoint
-``res_name``        run name (else ``--run``, else the file name)
+``res_name``        run name (else the ``run`` parameter, else the file name)
 =================  ==========================================================
 
 The stored ``grad_norm`` is the clipped norm, ``distance (sum) * batch_size`` (at most
@@ -33,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dpledger.analysis.budget import steps_from_epochs
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import append_arrow, first
+from dpledger.warehouse.sqlutil import append_arrow, first, transaction
 
 from . import load
 from .readers import (
@@ -160,9 +161,10 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
             names = sorted({v for v in string_column(table, "res_name").to_pylist() if v is not None})
             if len(names) > 1:
                 raise src.error(
-                    f"--run names one run but the file holds {len(names)} ({', '.join(names[:5])})",
+                    f"run gives one name but the file holds {len(names)} runs ({', '.join(names[:5])})",
                     None,
                     "res_name",
+                    ("run",),
                 )
         run_ids = pa.chunked_array([pa.array([run] * n, pa.string())])
     elif "res_name" in table.column_names:
@@ -234,9 +236,8 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
         r["n_train"] = int(round(b_run / q_run))
         last = int(pc.max(step.take(pa.array(rows))).as_py())
         if r.get("epochs"):
-            # Opacus's Poisson loader draws floor(1/q) batches an epoch.
-            r["steps"] = max(int(r["epochs"] * math.floor(1 / q_run)), last + 1)
-            config["steps_from"] = "epochs * floor(1 / sample_rate), at least last recorded step + 1"
+            r["steps"] = max(steps_from_epochs(r["epochs"], q_run), last + 1)
+            config["steps_from"] = "floor(epochs / sample_rate), at least last recorded step + 1"
         else:
             r["steps"] = last + 1
             config["steps_from"] = "last recorded step + 1"
@@ -280,7 +281,7 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
 def write(con, parsed: ParsedFile) -> dict:
     """Load one parsed file in one transaction; a file ingested before is a no-op."""
     src = parsed.source
-    with load.transaction(con):
+    with transaction(con):
         seen = load.find_ingest(con, parsed.sha256, KIND, parsed.target)
         if seen is not None:
             return load.skipped_result(src.path, seen)
@@ -306,6 +307,6 @@ def ingest_gla_csv(con, paths: list[str | Path], run: str | None = None, delta: 
     """Ingest GLA-format CSV files. Every file is read and checked before any is
     written; then each file is loaded in its own transaction."""
     if delta is not None and not (0 < delta < 1):
-        raise UserError(f"--delta {delta} is outside (0, 1)")
+        raise UserError(f"delta {delta} is outside (0, 1)", "delta")
     parsed = [parse(p, run=run, delta=delta) for p in paths]
     return [write(con, p) for p in parsed]

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import append_arrow, first, scalar, transaction  # noqa: F401 (load.transaction)
+from dpledger.warehouse.sqlutil import append_arrow, first, scalar
 
 from .readers import Source
 

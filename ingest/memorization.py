@@ -1,11 +1,11 @@
-"""``dpledger ingest memorization FILE.npz --dataset NAME``: Feldman-Zhang scores.
+"""Import of Feldman-Zhang memorization scores (``dpledger ingest memorization FILE.npz``).
 
 The published files (Feldman & Zhang, NeurIPS 2020) hold ``tr_mem`` (memorization
 score per training example), ``tr_labels`` and optionally ``tt_labels`` and
 influence arrays. Their order is the file's own: position i is point i of the
 dataset's training split *as the file's authors indexed it*, which matches
 dpledger's point ids only when both use the dataset's original training order. Give
-``--index FILE`` (a .npy or one-id-per-line text file: the dpledger point id of each
+``index`` (a .npy or one-id-per-line text file: the dpledger point id of each
 position) when they differ. Where ``points`` holds labels for the dataset, every
 label is checked, so a shuffled order is caught rather than silently joined.
 """
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import transaction
 
 from . import load
 from .readers import file_sha256
@@ -65,7 +66,7 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
     ids = _index(Path(index), len(mem)) if index is not None else np.arange(len(mem), dtype=np.int64)
     source = source or path.stem
     sha = file_sha256(path)
-    with load.transaction(con):
+    with transaction(con):
         seen = load.find_ingest(con, sha, KIND, f"{dataset}:{source}")
         if seen is not None:
             return {"path": str(path), "status": "skipped", "reason": f"already ingested on {seen['ingested_at']}",
@@ -79,7 +80,7 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
                     if pid in lookup and lookup[pid] != int(lab):
                         raise UserError(f"{path}: position {pos} (point {pid}) has label {int(lab)} but dataset "
                                         f"'{dataset}' has {lookup[pid]}: the file's order differs from the "
-                                        "dataset's; give --index")
+                                        "dataset's; give index", "index")
         con.execute("DELETE FROM memorization WHERE dataset = ? AND source = ?", [dataset, source])
         rows = pa.table({"dataset": pa.array([dataset] * len(ids), pa.string()), "point_id": ids,
                          "score": mem, "source": pa.array([source] * len(ids), pa.string())})

@@ -1,10 +1,10 @@
-"""``dpledger norms``: per-point gradient norms scored from a run's saved checkpoints,
+"""Norm scoring (``dpledger norms``): per-point gradient norms scored from a run's saved checkpoints,
 split by point ranges across tasks (local, or one Ray task per range).
 
 For very large datasets, tracking every point at every step is costly; the studies
 that introduced per-instance accounting instead score norms at checkpoints. A run
-trained with ``--track none`` (or a subset) saves a checkpoint at each evaluation;
-this scores every point (or ``--points N|FILE``) at each chosen checkpoint with
+trained with ``track="none"`` (or a subset) saves a checkpoint at each evaluation;
+this scores every point (or ``points``: the first N, or ids from a file) at each chosen checkpoint with
 :class:`models.grad_norms.GradNormTracker`, in ranges of ``chunk`` points that can
 run as separate tasks, and writes ``point_steps`` rows. The checkpoint of step t
 holds the parameters after t's update, i.e. those of step t + 1, so its norms are
@@ -14,7 +14,7 @@ step and is skipped). Composition then holds each norm until the next checkpoint
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -22,18 +22,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dpledger.models.grad_norms import GradNormTracker
 from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.sqlutil import first, transaction
 
 from . import load
-from .curvature import _checkpoints
+from .checkpoints import choose_checkpoints, require_files, stored_train_config
+from .ray_executor import map_tasks
 from .readers import Source
 from .worker import TrainConfig, build, load_data, tracked_points
 
 
 def _score_range(cfg_dict: dict, checkpoints: list[tuple[int, str]], ids: np.ndarray, threads: int = 1) -> pa.Table:
     """Norms and losses of points ``ids`` at each checkpoint (one task's work)."""
-    from dpledger.models.grad_norms import GradNormTracker
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -61,24 +62,15 @@ def score_norms(con, run_id: str, checkpoints: str = "all", points: str = "all",
                 on_range: Callable[[int, int], None] | None = None) -> dict:
     """Score the run's points at its checkpoints into ``point_steps``; returns a summary."""
     if chunk < 1:
-        raise UserError(f"--chunk {chunk} must be at least 1")
+        raise UserError(f"chunk {chunk} must be at least 1", "chunk")
     if executor not in ("local", "ray"):
-        raise UserError(f"--executor {executor}: expected local or ray")
-    row = con.execute("SELECT config, steps FROM runs WHERE run_id = ?", [run_id]).fetchall()
-    if not row:
-        known = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY 1 LIMIT 8").fetchall()]
-        raise UserError(f"unknown run '{run_id}' (runs: {', '.join(known) or 'none yet'})")
-    config, steps = row[0]
-    opts = (json.loads(config) if config else {}).get("train")
-    if not opts:
-        raise UserError(f"run '{run_id}' was not made by `dpledger train`: no model to rebuild")
-    chosen = [(s, p) for s, p in _checkpoints(con, run_id, checkpoints) if s + 1 < int(steps)]
+        raise UserError(f"executor {executor}: expected local or ray", "executor")
+    cfg = stored_train_config(con, run_id)
+    steps = first(con.execute("SELECT steps FROM runs WHERE run_id = ?", [run_id]))[0]
+    chosen = [(s, p) for s, p in choose_checkpoints(con, run_id, checkpoints) if s + 1 < int(steps)]
     if not chosen:
         raise UserError(f"run '{run_id}': no checkpoint before its last step to score")
-    for _, path in chosen:
-        if not Path(path).exists():
-            raise UserError(f"checkpoint {path} of run '{run_id}' is missing")
-    cfg = TrainConfig.from_dict(opts, f"run {run_id}")
+    require_files(run_id, chosen)
     ds = load_data(cfg)
     members = np.arange(ds.n_train)
     member_rows = con.execute("SELECT point_id FROM membership WHERE run_id = ? AND in_train ORDER BY 1",
@@ -87,10 +79,8 @@ def score_norms(con, run_id: str, checkpoints: str = "all", points: str = "all",
         members = np.array([r[0] for r in member_rows], dtype=np.int64)
     ids = tracked_points(points, members, ds.n_train)
     ranges = [ids[a:a + chunk] for a in range(0, len(ids), chunk)]
-    cfg_dict = dict(opts)
+    cfg_dict = asdict(cfg)
     if executor == "ray":
-        from .ray_executor import map_tasks
-
         tables = map_tasks(_score_range, [(cfg_dict, chosen, r) for r in ranges], address=address)
     else:
         tables = []
@@ -100,7 +90,7 @@ def score_norms(con, run_id: str, checkpoints: str = "all", points: str = "all",
             tables.append(_score_range(cfg_dict, chosen, r, threads=torch.get_num_threads()))
     table = pa.concat_tables(tables)
     table = table.add_column(0, "run_id", pa.array([run_id] * table.num_rows, pa.string()))
-    with load.transaction(con):
+    with transaction(con):
         try:
             load.insert_facts(con, "point_steps", table, Source(Path(f"<checkpoint norms of {run_id}>"), "parquet"))
         except UserError as exc:

@@ -1,7 +1,7 @@
 """``dpledger sweep --executor ray``: the runs of a sweep as Ray tasks.
 
 Each run is one Ray task (``num_cpus=1``; ``num_gpus=1`` when the run asks for a
-CUDA device and the driver sees one) whose body is :func:`ingest.sweep._task`: it
+CUDA device and the driver sees one) whose body is :func:`ingest.tasks.train_in_lake`: it
 trains into the lake through :class:`ingest.sinks.ShardSink`, exactly as a local
 worker process does, so the shards, the manifest and the merge are the same. On a
 cluster of several machines the lake must be shared storage that every node sees
@@ -17,9 +17,9 @@ service (169.254.169.254, metadata.google.internal) which cloud it runs on, with
 a 1 s timeout, even with usage statistics off. ``address="HOST:PORT"`` (or
 ``"auto"``) connects to a running cluster, which is left running.
 
-A task that raises returns a failed summary (as ``_task`` does for a
+A task that raises returns a failed summary (as ``train_in_lake`` does for a
 :class:`UserError`); a task whose worker dies is retried by Ray (up to 3 times;
-``_task`` resumes the run from its last committed step) and then reported failed,
+``train_in_lake`` resumes the run from its last committed step) and then reported failed,
 so one bad run never stops the others.
 """
 
@@ -34,10 +34,10 @@ from pathlib import Path
 
 from dpledger.warehouse.errors import UserError
 
-from .sweep import _task
+from .tasks import train_in_lake
 from .worker import TrainConfig
 
-INSTALL_HINT = "--executor ray needs Ray: pip install 'dpledger[distributed]'"
+INSTALL_HINT = "executor ray needs Ray: pip install 'dpledger[distributed]'"
 AUTH_MODE = "RAY_AUTH_MODE"
 
 # Set before a local cluster starts; the raylet and the workers inherit them.
@@ -49,20 +49,21 @@ LOCAL_ENV = {
 }
 
 
-def _import_ray():
+def import_ray():
+    """The ``ray`` module, or a UserError saying how to install it."""
     try:
         import ray
     except ImportError:
-        raise UserError(INSTALL_HINT) from None
+        raise UserError(INSTALL_HINT, "executor") from None
     return ray
 
 
 def _ray_task(cfg_dict: dict, lake: str, worker: str, threads: int, cwd: str | None) -> dict:
-    """One run in a Ray worker: :func:`ingest.sweep._task`, with any error as a failed summary."""
+    """One run in a Ray worker: :func:`ingest.tasks.train_in_lake`, with any error as a failed summary."""
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths in the config (--track FILE, --data-path) mean what they did for the driver
     try:
-        result = _task(cfg_dict, lake, worker, threads)
+        result = train_in_lake(cfg_dict, lake, worker, threads)
     except UserError as exc:  # e.g. the lake cannot be written from this node
         result = {"run_id": cfg_dict.get("run"), "status": "failed", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one run's crash must not end the sweep
@@ -90,7 +91,7 @@ def start_local(num_cpus: int | None = None) -> dict:
 
     Returns what :func:`stop_local` needs to put the process environment back.
     """
-    ray = _import_ray()
+    ray = import_ray()
     from ray._private import ray_constants
 
     kwargs = local_init_kwargs(num_cpus)
@@ -148,9 +149,9 @@ def run_sweep_ray(configs: list[TrainConfig], lake: str | Path, address: str | N
     shuts it down afterwards, unless Ray is already initialised in this process,
     which is then used as it is. An address connects to that cluster.
     """
-    ray = _import_ray()
+    ray = import_ray()
     if address is not None and num_cpus is not None:
-        raise UserError("num_cpus applies to a local Ray cluster only, not with an --address")
+        raise UserError("num_cpus applies to a local Ray cluster only, not with an address", "address")
     lake = Path(lake).resolve()  # workers may run elsewhere: absolute paths only
     for cfg in configs:
         if cfg.run_dir is None:
@@ -204,8 +205,8 @@ def parse_address(address: str) -> tuple[str, int] | None:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--address {address}: expected HOST:PORT (the head node's GCS port, 6379 by default), "
-                        "auto, or ray://HOST:PORT")
+        raise UserError(f"address {address}: expected HOST:PORT (the head node's GCS port, 6379 by default), "
+                        "auto, or ray://HOST:PORT", "address")
     return host, int(port)
 
 
@@ -220,8 +221,8 @@ def _connect(ray, address: str) -> dict:
         try:  # Ray itself retries an unreachable address for minutes
             socket.create_connection((host, port), timeout=5).close()
         except OSError as exc:
-            raise UserError(f"--address {address}: no Ray cluster answers there "
-                            f"({exc.strerror or type(exc).__name__})") from None
+            raise UserError(f"address {address}: no Ray cluster answers there "
+                            f"({exc.strerror or type(exc).__name__})", "address") from None
     # Ray replaces a loopback host by this machine's "reachable" address, found by
     # opening a socket towards a public one; a cluster on 127.0.0.1 is local-only.
     loopback = host in ("127.0.0.1", "localhost", "::1")
@@ -237,8 +238,8 @@ def _connect(ray, address: str) -> dict:
         if os.environ.get(AUTH_MODE) is None:
             hint = (f"; if the cluster uses token authentication (Ray's default), set {AUTH_MODE}=token and "
                     "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to its token")
-        raise UserError(f"--address {address}: cannot connect to a Ray cluster "
-                        f"({text.splitlines()[0] if text else type(exc).__name__}){hint}") from None
+        raise UserError(f"address {address}: cannot connect to a Ray cluster "
+                        f"({text.splitlines()[0] if text else type(exc).__name__}){hint}", "address") from None
     except BaseException:
         _set_enable_cluster(previous)
         raise
@@ -286,7 +287,7 @@ def _call(fn, args, cwd: str | None):
 def map_tasks(fn: Callable, args_list: list[tuple], address: str | None = None) -> list:
     """``[fn(*args) for args in args_list]`` as one Ray task each (the same local-cluster
     rules as sweeps); results in order. A task's UserError is raised again here."""
-    ray = _import_ray()
+    ray = import_ray()
     with _cluster(ray, address, None):
         remote = ray.remote(_call)
         refs = [remote.options(num_cpus=1).remote(fn, args, os.getcwd()) for args in args_list]
@@ -299,5 +300,5 @@ def map_tasks(fn: Callable, args_list: list[tuple], address: str | None = None) 
             raise
 
 
-__all__ = ["INSTALL_HINT", "local_init_kwargs", "map_tasks", "parse_address", "run_sweep_ray", "start_local",
+__all__ = ["INSTALL_HINT", "import_ray", "local_init_kwargs", "map_tasks", "parse_address", "run_sweep_ray", "start_local",
            "stop_local"]

@@ -47,8 +47,10 @@ class Source:
             where.append(f"column '{column}'")
         return str(self.path) + (": " + ", ".join(where) if where else "")
 
-    def error(self, message: str, row_index: int | None = None, column: str | None = None) -> UserError:
-        return UserError(f"{self.at(row_index, column)}: {message}")
+    def error(self, message: str, row_index: int | None = None, column: str | None = None,
+              params: tuple[str, ...] = ()) -> UserError:
+        """A UserError at this file's row and column; ``params``: the parameters the message names."""
+        return UserError(f"{self.at(row_index, column)}: {message}", *params)
 
 
 def file_format(path: Path) -> str:

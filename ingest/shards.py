@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import append_arrow
+from dpledger.warehouse.sqlutil import append_arrow, transaction
 
 from . import load
 from .readers import Source, file_sha256, float_column, int_column
@@ -117,7 +117,7 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
     """Merge a lake into the database in one transaction; returns one summary per run."""
     runs = plan(lake)
     results = []
-    with load.transaction(con):
+    with transaction(con):
         for item in runs:
             run = dict(item["run"])
             run_id = run["run_id"]

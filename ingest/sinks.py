@@ -1,5 +1,6 @@
 """Where a training worker's rows go: straight into DuckDB, or into Parquet shards.
 
+:class:`Sink` is the interface (a ``typing.Protocol``) the worker writes through.
 Both sinks commit a batch of steps atomically together with a progress marker (the
 last committed step), so a killed worker loses nothing it committed and a resumed
 one neither duplicates nor skips rows:
@@ -8,8 +9,8 @@ one neither duplicates nor skips rows:
   (rows + ``runs.committed_step``).
 * :class:`ShardSink` — many workers, one lake folder: each commit writes one Parquet
   file per table under ``lake/run_id=<id>/<table>/part-<worker>-<seq>.parquet``
-  (temporary name, then rename), then replaces the run's ``manifest.json`` (again
-  temporary name + rename). A shard exists for readers only once the manifest lists
+  (temporary name, then rename: :mod:`ingest.atomic`), then replaces the run's
+  ``manifest.json`` (again temporary name + rename). A shard exists for readers only once the manifest lists
   it; ``dpledger ingest shards`` merges committed shards into a database, idempotently.
 """
 
@@ -18,17 +19,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dpledger.warehouse.db import connect
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import append_arrow
+from dpledger.warehouse.sqlutil import append_arrow, transaction
 
 from . import load
+from .atomic import atomic_write_bytes, atomic_write_parquet, remove_quietly
 
 TABLES = ("point_steps", "steps", "evaluations", "checkpoints")
 _SAFE = re.compile(r"^[A-Za-z0-9._=+-]+$")
@@ -41,40 +42,36 @@ def safe_run_id(run_id: str) -> str:
     return run_id
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass  # best effort: the disk may be what is failing
+class Sink(Protocol):
+    """Where a training worker's rows go. A commit is atomic: its rows and the progress
+    marker (the last committed step) become visible together, or not at all."""
 
+    def committed_step(self, run_id: str) -> int | None:
+        """The last step of ``run_id`` whose rows are committed (None: nothing committed yet)."""
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)  # a failed write (disk full) leaves no half-written temporary file behind
-        raise
+    def run_exists(self, run_id: str) -> bool:
+        """Whether the sink already holds run ``run_id`` (begun, committed or not)."""
 
+    def stored_config(self, run_id: str) -> dict | None:
+        """The ``config`` the run was begun with (its ``train`` options for a resume), or None."""
 
-def _atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    def begin(self, run: dict, points: pa.Table, membership: pa.Table | None) -> None:
+        """Record the run (its ``runs`` row as a dict, status running), its points and its
+        membership rows; an existing run must agree with ``run``. Called again on resume."""
+
+    def commit(self, run_id: str, step: int, tables: dict[str, pa.Table | None]) -> None:
+        """Append the rows of :data:`TABLES` (a table may be None or empty) and set the
+        committed step to ``step``, atomically."""
+
+    def finish(self, run_id: str, status: str) -> None:
+        """Set the run's status: ``finished`` or ``failed``."""
+
+    def close(self) -> None:
+        """Release what the sink holds (a database connection)."""
 
 
 class DuckDBSink:
-    """Rows straight into the warehouse; one transaction per commit."""
+    """A :class:`Sink`: rows straight into the warehouse; one transaction per commit."""
 
     def __init__(self, db_path):
         self.con = connect(db_path)
@@ -91,7 +88,7 @@ class DuckDBSink:
         return json.loads(row[0][0]) if row and row[0][0] else None
 
     def begin(self, run: dict, points: pa.Table, membership: pa.Table | None) -> None:
-        with load.transaction(self.con):
+        with transaction(self.con):
             load.ensure_run(self.con, run, f"run {run['run_id']}")
             self.con.execute("UPDATE runs SET status = 'running', run_dir = ?, config = ?, updated_at = now() "
                              "WHERE run_id = ?", [run.get("run_dir"), json.dumps(run.get("config") or {}),
@@ -102,7 +99,7 @@ class DuckDBSink:
                              verb="INSERT OR IGNORE")
 
     def commit(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
-        with load.transaction(self.con):
+        with transaction(self.con):
             for name in TABLES:
                 t = tables.get(name)
                 if t is not None and t.num_rows:
@@ -118,7 +115,7 @@ class DuckDBSink:
 
 
 class ShardSink:
-    """Rows as Parquet shards in a lake folder, committed by the run's manifest."""
+    """A :class:`Sink`: rows as Parquet shards in a lake folder, committed by the run's manifest."""
 
     def __init__(self, lake: str | os.PathLike, worker: str = "w0"):
         self.lake = Path(lake)
@@ -152,10 +149,10 @@ class ShardSink:
         d = self.run_dir(run["run_id"])
         try:
             d.mkdir(parents=True, exist_ok=True)
-            _atomic_write_parquet(d / "points.parquet", points)
+            atomic_write_parquet(d / "points.parquet", points)
             if membership is not None:
-                _atomic_write_parquet(d / "membership.parquet", membership)
-            _atomic_write_bytes(d / "run.json", json.dumps(run, sort_keys=True, default=str).encode())
+                atomic_write_parquet(d / "membership.parquet", membership)
+            atomic_write_bytes(d / "run.json", json.dumps(run, sort_keys=True, default=str).encode())
             if self.manifest(run["run_id"]) is None:
                 self._write_manifest(run["run_id"], {"run_id": run["run_id"], "committed_step": None,
                                                      "status": "running", "shards": []})
@@ -178,7 +175,7 @@ class ShardSink:
             p.unlink(missing_ok=True)
 
     def _write_manifest(self, run_id: str, manifest: dict) -> None:
-        _atomic_write_bytes(self.run_dir(run_id) / "manifest.json", json.dumps(manifest, indent=1).encode())
+        atomic_write_bytes(self.run_dir(run_id) / "manifest.json", json.dumps(manifest, indent=1).encode())
 
     def commit(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
         d = self.run_dir(run_id)
@@ -192,14 +189,14 @@ class ShardSink:
                     continue
                 (d / name).mkdir(exist_ok=True)
                 rel = f"{name}/part-{self.worker}-{seq:06d}.parquet"
-                _atomic_write_parquet(d / rel, t)
+                atomic_write_parquet(d / rel, t)
                 shard["files"][name] = {"path": rel, "rows": t.num_rows}
             manifest["shards"].append(shard)
             manifest["committed_step"] = step
             self._write_manifest(run_id, manifest)
         except OSError as exc:
             for info in shard["files"].values():  # renamed into place, but the commit did not happen
-                _remove(d / info["path"])
+                remove_quietly(d / info["path"])
             raise UserError(f"cannot write shards to {d}: {exc.strerror or exc}") from None
 
     def finish(self, run_id: str, status: str) -> None:
@@ -212,3 +209,6 @@ class ShardSink:
 
     def close(self) -> None:
         pass
+
+
+__all__ = ["TABLES", "DuckDBSink", "ShardSink", "Sink", "safe_run_id"]

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import first
+from dpledger.warehouse.sqlutil import first, transaction
 
 from . import load
 from .readers import Source, bool_column, file_sha256, float_column, int_column, read_table, require_columns
@@ -34,19 +34,18 @@ def check_run_parameters(
     steps: int | None = None,
     batch_size: int | None = None,
 ) -> None:
-    """Refuse impossible DP-SGD parameters with the flag's name."""
-    if sample_rate is not None and not (0 < sample_rate <= 1):
-        raise UserError(f"--sample-rate {sample_rate} is outside (0, 1]")
-    if noise_multiplier is not None and not noise_multiplier > 0:
-        raise UserError(f"--noise-multiplier {noise_multiplier} must be positive")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise UserError(f"--max-grad-norm {max_grad_norm} must be positive")
-    if delta is not None and not (0 < delta < 1):
-        raise UserError(f"--delta {delta} is outside (0, 1)")
-    if steps is not None and steps <= 0:
-        raise UserError(f"--steps {steps} must be positive")
-    if batch_size is not None and batch_size <= 0:
-        raise UserError(f"--batch-size {batch_size} must be positive")
+    """Refuse impossible DP-SGD parameters, naming the parameter."""
+    checks = [
+        ("sample_rate", sample_rate, lambda v: 0 < v <= 1, "is outside (0, 1]"),
+        ("noise_multiplier", noise_multiplier, lambda v: v > 0, "must be positive"),
+        ("max_grad_norm", max_grad_norm, lambda v: v > 0, "must be positive"),
+        ("delta", delta, lambda v: 0 < v < 1, "is outside (0, 1)"),
+        ("steps", steps, lambda v: v > 0, "must be positive"),
+        ("batch_size", batch_size, lambda v: v > 0, "must be positive"),
+    ]
+    for name, value, ok, problem in checks:
+        if value is not None and not ok(value):
+            raise UserError(f"{name} {value} {problem}", name)
 
 
 def parse(path: str | Path, run: str, norms_clipped: bool = False) -> tuple[pa.Table, Source]:
@@ -92,7 +91,7 @@ def ingest_steps(
 ) -> dict:
     """Ingest one per-point, per-step file into run ``run`` (one transaction)."""
     if not run:
-        raise UserError("--run must name the run")
+        raise UserError("run must not be empty", "run")
     check_run_parameters(sample_rate, noise_multiplier, max_grad_norm, delta, steps, batch_size)
     # hash the file on a thread while Arrow parses it (both release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -103,37 +102,39 @@ def ingest_steps(
         over = np.flatnonzero(rows.column("grad_norm").to_numpy() > max_grad_norm * (1 + 1e-4))
         if over.size:
             raise src.error(
-                f"norm {rows.column('grad_norm')[int(over[0])].as_py()} exceeds --max-grad-norm "
+                f"norm {rows.column('grad_norm')[int(over[0])].as_py()} exceeds max_grad_norm "
                 f"{max_grad_norm} but the norms were said to be clipped",
                 int(over[0]),
                 "grad_norm",
+                ("max_grad_norm",),
             )
     if steps is not None:
         step_col = rows.column("step").to_numpy()
         beyond = np.flatnonzero(step_col >= steps)
         if beyond.size:
             raise src.error(
-                f"step {int(step_col[beyond[0]])} is beyond --steps {steps} (steps are 0 .. {steps - 1})",
+                f"step {int(step_col[beyond[0]])} is beyond steps {steps} (the last step is {steps - 1})",
                 int(beyond[0]),
                 "step",
+                ("steps",),
             )
-    with load.transaction(con):
+    with transaction(con):
         seen = load.find_ingest(con, sha, KIND, run)
         if seen is not None:
             return load.skipped_result(src.path, seen)
         stored = load.get_run(con, run)
         if stored is None:
             missing = [
-                flag
-                for flag, v in (
-                    ("--sample-rate", sample_rate),
-                    ("--noise-multiplier", noise_multiplier),
-                    ("--max-grad-norm", max_grad_norm),
+                name
+                for name, v in (
+                    ("sample_rate", sample_rate),
+                    ("noise_multiplier", noise_multiplier),
+                    ("max_grad_norm", max_grad_norm),
                 )
                 if v is None
             ]
             if missing:
-                raise UserError(f"run '{run}' does not exist; give {', '.join(missing)} to create it")
+                raise UserError(f"run '{run}' does not exist; give {', '.join(missing)} to create it", *missing)
         n_train = int(round(batch_size / sample_rate)) if batch_size and sample_rate else None
         load.ensure_run(
             con,

@@ -1,4 +1,4 @@
-"""``dpledger sweep CONFIG.toml``: a grid of training runs across local worker processes.
+"""Sweeps (``dpledger sweep CONFIG.toml``): a grid of training runs across local worker processes.
 
 CONFIG::
 
@@ -18,8 +18,9 @@ CONFIG::
     run = "table1-row3"
 
 Run names come from the values that vary (``s0-n0.8``) unless a row gives ``run``.
-Each worker writes Parquet shards into the lake (``--lake``, default ``lake/`` next
-to the database); when all runs are done the lake is merged into the database.
+Each run is one task (:func:`ingest.tasks.train_in_lake`) that writes Parquet shards
+into the lake; merging the lake into a database is the caller's next step (the
+``dpledger sweep`` command merges it when all runs are done).
 Runs already finished in the lake are skipped and incomplete ones resumed, so a
 sweep can simply be run again after a crash.
 
@@ -30,6 +31,7 @@ sweep can simply be run again after a crash.
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import os
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,6 +41,8 @@ from typing import Callable
 
 from dpledger.warehouse.errors import UserError
 
+from .ray_executor import import_ray, parse_address, run_sweep_ray
+from .tasks import train_in_lake
 from .worker import TrainConfig, validate
 
 ABBREVIATIONS = {"seed": "s", "noise_multiplier": "n", "target_epsilon": "e", "subset_ratio": "sub",
@@ -104,34 +108,11 @@ def load_config(path: str | Path) -> list[TrainConfig]:
     return expand(doc, str(path))
 
 
-def _task(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
-    """One run in a worker process (spawned: a fresh interpreter)."""
-    import warnings
-
-    from .sinks import ShardSink
-    from .worker import TrainConfig, train
-
-    warnings.filterwarnings("ignore", message="Full backward hook")
-    cfg = TrainConfig(**cfg_dict)
-    if cfg.threads is None and threads < (os.cpu_count() or 1):
-        cfg.threads = threads  # workers share the cores
-    sink = ShardSink(lake, worker=worker)
-    manifest = sink.manifest(cfg.run)
-    if manifest is not None and manifest.get("status") == "finished":
-        return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
-    try:
-        if cfg.run_dir is None:  # checkpoints and resume state live with the run's shards
-            cfg.run_dir = str(sink.run_dir(cfg.run))
-        return train(cfg, sink, resume=sink.run_exists(cfg.run))
-    except (UserError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
-        return {"run_id": cfg.run, "status": "failed", "error": str(exc)}
-
-
 def run_sweep(configs: list[TrainConfig], lake: str | Path, workers: int = 1,
               on_done: Callable[[dict, int, int], None] | None = None) -> list[dict]:
     """Run every config across ``workers`` processes into ``lake``; returns their summaries."""
     if workers < 1:
-        raise UserError(f"--workers {workers} must be at least 1")
+        raise UserError(f"workers {workers} must be at least 1", "workers")
     lake = Path(lake)
     lake.mkdir(parents=True, exist_ok=True)
     for cfg in configs:
@@ -141,14 +122,12 @@ def run_sweep(configs: list[TrainConfig], lake: str | Path, workers: int = 1,
     results = []
     if workers == 1:
         for i, cfg in enumerate(configs):
-            results.append(_task(asdict(cfg), str(lake), "w0", threads))
+            results.append(train_in_lake(asdict(cfg), str(lake), "w0", threads))
             if on_done:
                 on_done(results[-1], i + 1, len(configs))
         return results
-    import multiprocessing as mp
-
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_task, asdict(cfg), str(lake), f"w{i}", threads): cfg for i, cfg in enumerate(configs)}
+        futures = {pool.submit(train_in_lake, asdict(cfg), str(lake), f"w{i}", threads): cfg for i, cfg in enumerate(configs)}
         for done, fut in enumerate(as_completed(futures), 1):
             results.append(fut.result())
             if on_done:
@@ -161,20 +140,18 @@ EXECUTORS = ("local", "ray")
 
 
 def check_executor(executor: str, workers: int = 1, address: str | None = None) -> None:
-    """Refuse a bad --executor / --workers / --address combination before anything is written."""
+    """Refuse a bad executor / workers / address combination before anything is written."""
     if executor not in EXECUTORS:
-        raise UserError(f"--executor {executor}: expected one of {', '.join(EXECUTORS)}")
+        raise UserError(f"executor {executor}: expected one of {', '.join(EXECUTORS)}", "executor")
     if workers < 1:
-        raise UserError(f"--workers {workers} must be at least 1")
+        raise UserError(f"workers {workers} must be at least 1", "workers")
     if executor == "local" and address is not None:
-        raise UserError("--address is the address of a Ray cluster: use it with --executor ray")
+        raise UserError("address is the location of a Ray cluster: use it with executor ray", "address", "executor")
     if executor == "ray":
         if workers != 1:
-            raise UserError(f"--workers {workers} is for --executor local; with Ray every run is a task and "
-                            "the cluster runs as many at once as it has CPUs")
-        from .ray_executor import _import_ray, parse_address
-
-        _import_ray()  # Ray not installed: say so now
+            raise UserError(f"workers {workers} is for executor local; with Ray every run is a task and "
+                            "the cluster runs as many at once as it has CPUs", "workers", "executor")
+        import_ray()  # Ray not installed: say so now
         if address is not None:
             parse_address(address)  # HOST:PORT, auto or ray://...; whether it answers is checked on connecting
 
@@ -185,8 +162,6 @@ def run(configs: list[TrainConfig], lake: str | Path, executor: str = "local", w
     ``address`` names a running cluster, none starts a local one)."""
     check_executor(executor, workers, address)
     if executor == "ray":
-        from .ray_executor import run_sweep_ray
-
         return run_sweep_ray(configs, lake, address=address, on_done=on_done)
     return run_sweep(configs, lake, workers, on_done=on_done)
 

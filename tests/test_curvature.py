@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpledger.analysis.curvature import Curvature, default_chunk_size, input_curvature, rademacher_probes
+from dpledger.models.curvature import Curvature, default_chunk_size, input_curvature, rademacher_probes
 
 
 def softmax_hessian(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -248,7 +248,7 @@ import sys, time
 from pathlib import Path
 config, lake, db, go, log = sys.argv[1:6]
 import opacus, torch  # imports done before the start signal
-import dpledger.ingest.shards, ingest.sweep, ingest.worker, models.grad_norms
+import dpledger.ingest.shards, dpledger.ingest.sweep, dpledger.ingest.worker, dpledger.models.grad_norms
 import dpledger.ingest.sinks as sinks
 from dpledger.cli import main
 real_commit = sinks.ShardSink.commit
@@ -460,7 +460,7 @@ class _FullDiskFile:
 def _inject_full_disk(monkeypatch, where: str, lake: Path) -> None:
     """Make the lake's disk 'full' at one write of the run: the 2nd commit's point_steps shard,
     the 2nd commit's manifest (the commit point), or the final manifest ("finished")."""
-    import dpledger.ingest.sinks as sinks
+    import dpledger.ingest.atomic as atomic
 
     if where == "shard":
         real = pq.write_table
@@ -487,7 +487,7 @@ def _inject_full_disk(monkeypatch, where: str, lake: Path) -> None:
             return _FullDiskFile(f, fail)
         return f
 
-    monkeypatch.setattr(sinks, "open", fake_open, raising=False)  # the module's own open(), nothing else's
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)  # the atomic writer's own open(), nothing else's
 
 
 @pytest.mark.parametrize("where", ["shard", "manifest", "final"])

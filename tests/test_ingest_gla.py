@@ -48,7 +48,7 @@ def test_fixture_run_parameters(gla_db):
     assert sigma == 0.57891845703125 and c == 1.0 and b == 256 and epochs == 40.0
     assert eps == 10.0 and seed == 24 and dataset == "MNIST" and model == "lenet" and lr == 0.1
     assert private is True and delta == 1e-5 and n_train == 60000
-    assert steps == 40 * 234  # epochs * floor(1/q), Opacus's Poisson loader
+    assert steps == 9375  # floor(epochs / q) = floor(40 * 60000 / 256), as Opacus's get_noise_multiplier counts
     config = json.loads(config)
     assert config["optimizer"] == "sgd" and config["norm_type"] == "gn" and config["alpha"] == 8
     assert {"type", "stage"} <= set(config["varying_columns"])

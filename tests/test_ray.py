@@ -127,7 +127,7 @@ def test_local_cluster_is_loopback_without_usage_stats(cluster):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--executor", "spark"], "--executor spark: expected one of local, ray"),
-    (["--address", "10.0.0.1:6379"], "--address is the address of a Ray cluster: use it with --executor ray"),
+    (["--address", "10.0.0.1:6379"], "--address is the location of a Ray cluster: use it with --executor ray"),
     (["--executor", "ray", "--workers", "2"], "--workers 2 is for --executor local"),
     (["--executor", "ray", "--address", "nohost"], "--address nohost: expected HOST:PORT"),
 ])

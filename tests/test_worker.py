@@ -27,7 +27,7 @@ def test_short_run_writes_tracked_steps_times_tracked_points(db, cli):
     assert r.rc == 0, r
     summary = r.json()
     steps = summary["steps"]
-    assert steps == 2 * int(1 / (20 / 200))  # epochs x floor(1/q)
+    assert steps == 20  # floor(epochs / q) = floor(2 / (20 / 200))
     tracked_steps = len(range(0, steps, 3))
     assert _q(db, "SELECT count(*), count(DISTINCT point_id), count(DISTINCT step) FROM point_steps") == [
         (tracked_steps * 30, 30, tracked_steps)]
@@ -55,7 +55,7 @@ def test_clipping_with_tracked_norms_equals_opacus_per_sample_step(model_name, b
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    from dpledger.ingest.worker import _clipped_step
+    from dpledger.models.dp_step import clipped_step
     from dpledger.models.grad_norms import per_example_grad_norms
     from dpledger.models.nets import build_model
 
@@ -80,7 +80,7 @@ def test_clipping_with_tracked_norms_equals_opacus_per_sample_step(model_name, b
     norms = per_example_grad_norms(gsm2, x, y).norms  # through the wrapper, as the worker's tracker
     if batch_size > 2:
         assert (norms > clip).any() and (norms < clip).any()
-    _clipped_step(ours, opt2, x, y, norms, clip)
+    clipped_step(ours, opt2, x, y, norms, clip)
     moved = 0.0
     for (name, p), q, b in zip(ref.named_parameters(), ours.parameters(), base.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)

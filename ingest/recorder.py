@@ -1,0 +1,162 @@
+"""What a training run records, and when it commits: row buffers, commit cadence, resume state.
+
+:class:`Recorder` buffers the rows of the steps since the last commit (``point_steps``,
+``steps``, ``evaluations``, ``checkpoints``), decides when a commit is due (every
+``commit_every`` steps, else every ``commit_seconds``) and commits: first the resume
+state of the step (model, optimizer and every RNG's state) under
+``<run_dir>/state/step-<t>.pt``, then the rows and the progress marker in one
+:meth:`ingest.sinks.Sink.commit`, then older resume states are removed. A crash after
+the state is written but before the commit only repeats steps, so a run resumed from
+the sink's committed step continues exactly as the uninterrupted run would have.
+
+Checkpoints (the model's parameters at an evaluation step) are written under
+``<run_dir>/checkpoints/``; every file goes through :func:`ingest.atomic.atomic_write`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dpledger.warehouse.errors import UserError
+
+from .atomic import atomic_write
+
+# columns of each buffered table, in order (run_id is added first)
+COLUMNS = {
+    "point_steps": ("step", "point_id", "grad_norm", "norm_clipped", "loss", "sampled"),
+    "steps": ("step", "epoch", "batch_size", "loss", "lr", "wall_s", "peak_mem_bytes", "test_accuracy", "track_s"),
+    "evaluations": ("step", "point_id", "loss", "correct", "margin", "confidence_logit"),
+    "checkpoints": ("step", "path"),
+}
+
+
+def save_torch(obj, path: Path) -> None:
+    """``torch.save`` to ``path``, atomically; a failed write (disk full, permissions) is
+    one clear :class:`UserError` and leaves no partial file (torch reports it as RuntimeError)."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise UserError(f"cannot write {path}: {detail}") from None
+
+
+def state_path(run_dir: Path, step: int) -> Path:
+    """Where the resume state of ``step`` lives."""
+    return run_dir / "state" / f"step-{step:08d}.pt"
+
+
+def capture_state(step: int, dp, sampler) -> dict:
+    """The resume state after ``step``: ``dp``'s model and base optimizer (a
+    :class:`models.dp_step.DPSGD`), the batch sampler's, the noise's and torch's RNG."""
+    return {"step": step, "model": dp.model.state_dict(), "optimizer": dp.base.state_dict(),
+            "sampler": sampler.get_state(), "noise": dp.noise.get_state(), "torch": torch.get_rng_state()}
+
+
+def load_state(run_dir: Path, run_id: str, step: int, device) -> dict:
+    """The resume state saved with the commit of ``step`` (a UserError if it is missing)."""
+    path = state_path(run_dir, step)
+    if not path.exists():
+        raise UserError(f"resume {run_id}: the saved state {path} is missing", "resume")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def restore_state(state: dict, dp, sampler) -> None:
+    """Put back what :func:`capture_state` saved."""
+    dp.model.load_state_dict(state["model"])
+    dp.base.load_state_dict(state["optimizer"])
+    sampler.set_state(state["sampler"])
+    dp.noise.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class RowBuffers:
+    """Rows not yet committed: per table, a list of dicts of equally long column arrays."""
+
+    parts: dict[str, list] = field(default_factory=lambda: {name: [] for name in COLUMNS})
+
+    def add(self, table: str, **columns) -> None:
+        self.parts[table].append(columns)
+
+    def tables(self, run_id: str) -> dict[str, pa.Table | None]:
+        """One Arrow table per buffered table (``None`` where nothing was buffered),
+        ``run_id`` first as a one-entry dictionary column."""
+        out = {}
+        for name, cols in COLUMNS.items():
+            parts = self.parts[name]
+            if not parts:
+                out[name] = None
+                continue
+            data = {c: np.concatenate([np.atleast_1d(p[c]) for p in parts]) for c in cols}
+            n = len(data[cols[0]])
+            run = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([run_id]))
+            out[name] = pa.table({"run_id": run, **data})
+        return out
+
+
+class Recorder:
+    """Buffers a run's rows and commits them to ``sink`` with a resume state.
+
+    ``start``: the first step this process runs (0, or the committed step + 1 on resume).
+    """
+
+    def __init__(self, sink, run_id: str, run_dir: Path, *, commit_every: int | None, commit_seconds: float,
+                 start: int = 0):
+        self.sink, self.run_id, self.run_dir = sink, run_id, Path(run_dir)
+        self.commit_every, self.commit_seconds = commit_every, commit_seconds
+        self.buffers = RowBuffers()
+        self.rows_written = 0
+        self.sink_s = 0.0  # seconds spent buffering rows and committing
+        self.last_commit_step, self.last_commit_time = start - 1, time.perf_counter()
+
+    @staticmethod
+    def make_folders(run_dir: Path) -> None:
+        """The run's ``state/`` and ``checkpoints/`` folders."""
+        (run_dir / "state").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+
+    def add(self, table: str, **columns) -> None:
+        """Buffer rows of ``table`` (a name of :data:`COLUMNS`)."""
+        t0 = time.perf_counter()
+        self.buffers.add(table, **columns)
+        self.sink_s += time.perf_counter() - t0
+
+    def checkpoint(self, step: int, model_state: dict) -> Path:
+        """Save the model's parameters after ``step`` and buffer its ``checkpoints`` row."""
+        path = self.run_dir / "checkpoints" / f"step-{step:08d}.pt"
+        save_torch(model_state, path)
+        self.buffers.add("checkpoints", step=np.array([step], dtype=np.int64), path=np.array([str(path)]))
+        return path
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether to commit after ``step`` (always after the run's ``last`` step)."""
+        if last:
+            return True
+        if self.commit_every:
+            return step - self.last_commit_step >= self.commit_every
+        return time.perf_counter() - self.last_commit_time >= self.commit_seconds
+
+    def commit(self, step: int, state: dict) -> None:
+        """Resume state first, then the buffered rows and the marker ``step``; then old states go."""
+        t0 = time.perf_counter()
+        # resume state first: a crash after it but before the commit only repeats steps
+        current = state_path(self.run_dir, step)
+        save_torch(state, current)
+        tables = self.buffers.tables(self.run_id)
+        self.sink.commit(self.run_id, step, tables)
+        self.rows_written += tables["point_steps"].num_rows if tables["point_steps"] is not None else 0
+        for old in (self.run_dir / "state").glob("step-*.pt"):
+            if old.name != current.name:
+                old.unlink(missing_ok=True)
+        self.buffers = RowBuffers()
+        self.last_commit_step, self.last_commit_time = step, time.perf_counter()
+        self.sink_s += self.last_commit_time - t0
+
+
+__all__ = ["COLUMNS", "Recorder", "RowBuffers", "capture_state", "load_state", "restore_state", "save_torch", "state_path"]

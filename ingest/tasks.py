@@ -1,0 +1,40 @@
+"""One run of a sweep as a task: train one config into a lake, as a summary dict.
+
+The body of both executors' tasks (a local worker process of :mod:`ingest.sweep`, a
+Ray task of :mod:`ingest.ray_executor`): it trains through
+:class:`ingest.sinks.ShardSink`, skips a run the lake has finished, and resumes one
+it holds unfinished, so a sweep can simply be run again after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from dpledger.warehouse.errors import UserError
+
+from .sinks import ShardSink
+from .worker import TrainConfig, train
+
+
+def train_in_lake(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
+    """Run the config ``cfg_dict`` (a :class:`TrainConfig` as a dict) into ``lake`` as
+    writer ``worker`` with ``threads`` torch threads (unless the config sets them);
+    a :class:`UserError` or an ``OSError`` is a failed summary, not an exception."""
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    cfg = TrainConfig(**cfg_dict)
+    if cfg.threads is None and threads < (os.cpu_count() or 1):
+        cfg.threads = threads  # workers share the cores
+    sink = ShardSink(lake, worker=worker)
+    manifest = sink.manifest(cfg.run)
+    if manifest is not None and manifest.get("status") == "finished":
+        return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
+    try:
+        if cfg.run_dir is None:  # checkpoints and resume state live with the run's shards
+            cfg.run_dir = str(sink.run_dir(cfg.run))
+        return train(cfg, sink, resume=sink.run_exists(cfg.run))
+    except (UserError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
+        return {"run_id": cfg.run, "status": "failed", "error": str(exc)}
+
+
+__all__ = ["train_in_lake"]
