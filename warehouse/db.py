@@ -39,10 +39,11 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """Open the warehouse with its schema current and the project's UDFs registered.
 
-    ``read_only=True`` opens the file in DuckDB's read-only access mode (writes fail)
-    and requires an existing, current database; ``external_access=False`` also stops
-    SQL from reading or writing other files (``dpledger query`` unless files are allowed).
-    Read-write opening creates the file and applies pending migrations.
+    ``read_only=True`` opens the file in DuckDB's read-only access mode (writes fail),
+    with no temporary directory (a read never spills to disk), and requires an
+    existing, current database; ``external_access=False`` also stops SQL from reading
+    or writing other files (``dpledger query`` unless files are allowed). Read-write
+    opening creates the file and applies pending migrations.
 
     ``lake=DIR`` attaches a Parquet lake instead: an in-memory warehouse whose tables
     are views over the lake's committed shards (and the database at ``path``, read-only,
@@ -56,11 +57,15 @@ def connect(
         raise UserError(f"no dpledger database at {db_path} (create it with `dpledger init` or dpledger.init())")
     if not read_only and not db_path.parent.exists():
         raise UserError(f"cannot create database {db_path}: folder {db_path.parent} does not exist")
-    cfg = dict(config or {})
-    if not external_access:
-        cfg["enable_external_access"] = False
-    con = open_connection(db_path, read_only, cfg)
+    con = open_connection(db_path, read_only, dict(config or {}))
     try:
+        # settings, not connect-time config: DuckDB refuses a second connection to a file
+        # with another config in one process, and the temp folder can only be changed
+        # while external access is still on
+        if read_only:
+            con.execute("SET temp_directory = ''")
+        if not external_access:
+            con.execute("SET enable_external_access = false")
         if read_only:
             check_current(con, db_path)
         else:

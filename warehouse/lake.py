@@ -86,10 +86,18 @@ def _sql_list(paths: list[str]) -> str:
 
 def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *,
                  memory_limit: str | None = None, temp_directory: str | os.PathLike | None = None,
-                 threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory warehouse whose data tables are views over the lake (see the module doc)."""
+                 threads: int | None = None, read_only: bool = False,
+                 allow_files: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory warehouse whose data tables are views over the lake (see the module doc).
+
+    ``read_only=True`` is the reader's connection (``dpledger query --lake``): no
+    temporary directory, the configuration locked, and, unless ``allow_files``, file
+    access limited to reading exactly the shard files the views list. (What statements
+    may run is the caller's part: :func:`dpledger.warehouse.query.run_query` runs a
+    single SELECT.)
+    """
     runs = lake_runs(lake)
-    config = {}
+    config = {"temp_directory": ""} if read_only else {}
     if memory_limit:
         config["memory_limit"] = memory_limit
     if temp_directory:
@@ -142,6 +150,12 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
         con.execute("UPDATE runs SET config_key = run_config_key(dataset, model, sample_rate, noise_multiplier, "
                     "max_grad_norm, steps)")
         con.execute("COMMIT")
+        if read_only:
+            if not allow_files:
+                readable = sorted({f for r in runs for fs in r["files"].values() for f in fs})
+                con.execute("SET allowed_paths = ?", [readable])
+                con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
     except BaseException:
         con.close()
         raise

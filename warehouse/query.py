@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -22,38 +21,42 @@ def run_query(
     allow_files: bool = False,
     lake: str | os.PathLike | None = None,
 ) -> pa.Table:
-    """Run ``sql`` on a read-only connection, binding ``params`` ($name in the SQL).
+    """Run one SELECT statement ``sql`` on a read-only warehouse, binding ``params`` ($name).
 
-    Writes fail (DuckDB read-only access mode); reading or writing other files from
-    the SQL is refused unless ``allow_files``. With ``lake`` the tables are views over
-    the lake's committed shards (plus the database, if it exists), and only the
-    lake's folder is readable.
+    The read path writes nothing, anywhere: the statement must be a single SELECT
+    (no ATTACH, COPY, EXPORT, SET, PRAGMA, CREATE, INSTALL/LOAD, ...); the database
+    is opened in DuckDB's read-only mode with no temporary directory and the
+    configuration locked; reading other files is refused unless ``allow_files``.
+    With ``lake`` the tables are views over the lake's committed shards (plus the
+    database, read-only, if it exists), and only those shard files are readable.
     """
     if lake is not None:
-        con = _lake_connection(lake, path, allow_files)
+        db_path = resolve_db_path(path)
+        con = connect_lake(lake, db_path if db_path.exists() else None, read_only=True, allow_files=allow_files)
     else:
         con = connect(path, read_only=True, external_access=allow_files)
+        con.execute("SET lock_configuration = true")
     try:
+        single_select(con, sql)
         try:
-            relation = con.sql(sql, params=params or None)
-            if relation is None:  # a statement without a result
-                return pa.table({})
-            return relation.to_arrow_table()
+            return con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
             raise UserError(_query_error(exc), "allow_files") from None
     finally:
         con.close()
 
 
-def _lake_connection(lake, path, allow_files: bool):
-    db_path = resolve_db_path(path)
-    con = connect_lake(lake, db_path if db_path.exists() else None)
-    if not allow_files:
-        # the views read the lake's files; user SQL may read nothing else
-        folder = str(Path(lake).resolve()) + "/"
-        con.execute("SET allowed_directories = [?]", [folder])
-        con.execute("SET enable_external_access = false")
-    return con
+def single_select(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but one SELECT statement (DuckDB's parser says which)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise UserError(f"query: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise UserError(f"query: give one SELECT statement at a time (got {len(statements)} statements)")
+    kind = str(statements[0].type).rpartition(".")[2]
+    if kind != "SELECT":
+        raise UserError(f"query: the warehouse is read-only here; only a SELECT statement may run (got {kind})")
 
 
 def _query_error(exc: duckdb.Error) -> str:
