@@ -33,6 +33,21 @@ def _user_agent() -> str | None:
     return f"duckdb_engine/{__version__}(sqlalchemy/{sqlalchemy.__version__})"
 
 
+def foreign_file(path: Path) -> str | None:
+    """What an existing, non-empty file is when it is not a DuckDB database (DuckDB's
+    files carry "DUCK" at byte 8), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    if not head or head[8:12] == b"DUCK":
+        return None
+    if head.startswith(b"SQLite format 3\0"):
+        return "it is a SQLite database"
+    return "its header is not DuckDB's"
+
+
 def open_connection(db_path: Path, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection to ``db_path`` (``:memory:`` for none) with the UDFs registered;
     failures to open are one-line :class:`UserError`s."""
@@ -41,11 +56,14 @@ def open_connection(db_path: Path, read_only: bool, config: dict) -> duckdb.Duck
     if agent and "custom_user_agent" not in config:
         config["custom_user_agent"] = agent
 
+    not_duckdb = foreign_file(db_path)
+    if not_duckdb:
+        raise UserError(f"{db_path} is not a DuckDB database file ({not_duckdb})")
     try:
         con = duckdb.connect(str(db_path), read_only=read_only, config=config)
     except duckdb.Error as exc:
         msg = str(exc).splitlines()[0]
-        if "lock" in msg.lower():
+        if "could not set lock" in msg.lower() or "conflicting lock" in msg.lower():
             raise UserError(f"database {db_path} is in use by another process ({msg})") from None
         raise UserError(f"cannot open database {db_path}: {msg}") from None
     try:

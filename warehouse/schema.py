@@ -136,10 +136,7 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
     current = schema_version(con)
     pending = [m for m in migrations() if m.version > current]
     if current > latest_version():
-        raise UserError(
-            f"the database has schema version {current}, newer than this dpledger "
-            f"knows ({latest_version()}); upgrade dpledger"
-        )
+        raise newer_than_known(current)
     for m in pending:
         with transaction(con):
             con.execute(
@@ -160,8 +157,16 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
     return done
 
 
+def newer_than_known(version: int) -> UserError:
+    return UserError(f"the database has schema version {version}, newer than this dpledger knows "
+                     f"({latest_version()}); upgrade dpledger (pip install -U dpledger)")
+
+
 def check_current(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Refuse a database a read-only open cannot use as it is (empty, older or newer schema)."""
     version = schema_version(con)
+    if version > latest_version():
+        raise newer_than_known(version)
     if version == 0:
         raise UserError(f"{path} is not a dpledger database (create it with `dpledger init` or dpledger.init())")
     if version != latest_version() or _meta(con, "views_sha256") != _views_digest(view_sources()):
