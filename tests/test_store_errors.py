@@ -12,8 +12,10 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import duckdb
+from conftest import copy_as_run, query_rows
 
 from dpledger.warehouse import schema
 
@@ -48,17 +50,50 @@ def test_a_corrupt_database_is_not_reported_as_in_use(gla_db, tmp_path):
     assert "corrupt" in r.stderr.lower() and "in use" not in r.stderr
 
 
-def test_a_database_in_use_is_reported_as_in_use(gla_db, tmp_path):
+def _hold(db, seconds: float) -> subprocess.Popen:
+    """Another process holding the database file open read-write for ``seconds``."""
     holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-                               "print('ready', flush=True); time.sleep(60)", str(gla_db)], stdout=subprocess.PIPE,
-                              text=True)
+                               "print('ready', flush=True); time.sleep(float(sys.argv[2]))", str(db), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def test_a_database_in_use_is_reported_as_in_use(gla_db, tmp_path):
+    holder = _hold(gla_db, 60)
     try:
-        assert holder.stdout.readline().strip() == "ready"
-        r = _dpledger("runs", "--db", gla_db, home=tmp_path)
+        r = _dpledger("runs", "--db", gla_db, home=tmp_path)  # a reader does not wait
         assert r.returncode == 2 and "in use by another process" in r.stderr, r.stderr
+        started = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "dpledger", "init", "--db", str(gla_db)], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "DPLEDGER_WAIT": "1.5"})
+        assert r.returncode == 2 and "in use by another process after waiting 1.5 s" in r.stderr, r.stderr
+        assert 1.4 < time.monotonic() - started < 30
+        assert r.stderr.count("waiting up to 1.5 s") == 1  # said once, not per retry
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_writer_waits_for_a_busy_database_then_writes(gla_db, gla_dir, tmp_path):
+    holder = _hold(gla_db, 3)
+    try:
+        copy = tmp_path / "res2.csv"
+        copy_as_run(gla_dir / "res1.csv", copy, "res2")
+        r = _dpledger("ingest", "gla-csv", copy, "--db", gla_db, home=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "is in use by another process; waiting up to 60 s" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert query_rows(gla_db, "SELECT count(*) FROM point_steps WHERE run_id = 'res2'") == [(410,)]
+
+
+def test_the_wait_is_a_checked_parameter(gla_db, tmp_path):
+    for bad in ("-1", "nan", "1e9", "soon"):
+        r = subprocess.run([sys.executable, "-m", "dpledger", "init", "--db", str(gla_db)], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "DPLEDGER_WAIT": bad})
+        assert r.returncode == 2 and f"$DPLEDGER_WAIT={bad}" in r.stderr, r.stderr
 
 
 def test_a_newer_schema_asks_for_a_newer_dpledger(gla_db, tmp_path):

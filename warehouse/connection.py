@@ -9,6 +9,9 @@ is ever fetched from the network because of a file's contents).
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
 
 import duckdb
@@ -19,6 +22,33 @@ from .udfs import register_udfs
 # DuckDB would otherwise download and load an extension when a file or statement
 # asks for one (a SQLite file passed as the database, say).
 SAFE_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+# How long a writer waits for a database another process holds (DuckDB allows one
+# writing process per file): $DPLEDGER_WAIT seconds, default 60, at most a day.
+ENV_WAIT = "DPLEDGER_WAIT"
+DEFAULT_WAIT_S = 60.0
+MAX_WAIT_S = 86_400.0
+
+log = logging.getLogger("dpledger")
+
+
+def wait_seconds() -> float:
+    """The writer's wait for a busy database, from ``$DPLEDGER_WAIT`` (checked: 0 to a day)."""
+    text = os.environ.get(ENV_WAIT)
+    if text is None or text == "":
+        return DEFAULT_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= MAX_WAIT_S:
+        raise UserError(f"${ENV_WAIT}={text}: give the seconds to wait for a busy database, 0 to {MAX_WAIT_S:g}")
+    return value
+
+
+def _in_use(message: str) -> bool:
+    m = message.lower()
+    return "could not set lock" in m or "conflicting lock" in m
 
 
 def _user_agent() -> str | None:
@@ -48,9 +78,13 @@ def foreign_file(path: Path) -> str | None:
     return "its header is not DuckDB's"
 
 
-def open_connection(db_path: Path, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
+def open_connection(db_path: Path, read_only: bool, config: dict, wait: float = 0.0) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection to ``db_path`` (``:memory:`` for none) with the UDFs registered;
-    failures to open are one-line :class:`UserError`s."""
+    failures to open are one-line :class:`UserError`s.
+
+    A file another process holds is retried with a growing pause (0.1 s doubling to
+    2 s) for up to ``wait`` seconds, saying once (logger ``dpledger``) that it waits.
+    """
     config = {**SAFE_CONFIG, **config}
     agent = _user_agent()
     if agent and "custom_user_agent" not in config:
@@ -59,13 +93,24 @@ def open_connection(db_path: Path, read_only: bool, config: dict) -> duckdb.Duck
     not_duckdb = foreign_file(db_path)
     if not_duckdb:
         raise UserError(f"{db_path} is not a DuckDB database file ({not_duckdb})")
-    try:
-        con = duckdb.connect(str(db_path), read_only=read_only, config=config)
-    except duckdb.Error as exc:
-        msg = str(exc).splitlines()[0]
-        if "could not set lock" in msg.lower() or "conflicting lock" in msg.lower():
-            raise UserError(f"database {db_path} is in use by another process ({msg})") from None
-        raise UserError(f"cannot open database {db_path}: {msg}") from None
+    deadline, pause, said = time.monotonic() + wait, 0.1, False
+    while True:
+        try:
+            con = duckdb.connect(str(db_path), read_only=read_only, config=config)
+            break
+        except duckdb.Error as exc:
+            msg = str(exc).splitlines()[0]
+            if not _in_use(msg):
+                raise UserError(f"cannot open database {db_path}: {msg}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                raise UserError(f"database {db_path} is in use by another process{waited} ({msg})") from None
+            if not said:
+                log.warning("database %s is in use by another process; waiting up to %g s", db_path, wait)
+                said = True
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
     try:
         register_udfs(con)
     except BaseException:

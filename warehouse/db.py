@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from .connection import open_connection
+from .connection import open_connection, wait_seconds
 from .errors import UserError
 from .lake import connect_lake
 from .schema import check_current, schema_version, upgrade
@@ -36,6 +36,7 @@ def connect(
     external_access: bool = True,
     config: dict | None = None,
     lake: str | os.PathLike | None = None,
+    wait: float | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open the warehouse with its schema current and the project's UDFs registered.
 
@@ -43,7 +44,9 @@ def connect(
     with no temporary directory (a read never spills to disk), and requires an
     existing, current database; ``external_access=False`` also stops SQL from reading
     or writing other files (``dpledger query`` unless files are allowed). Read-write
-    opening creates the file and applies pending migrations.
+    opening creates the file and applies pending migrations. A file another process
+    holds is waited for up to ``wait`` seconds (default: writers ``$DPLEDGER_WAIT`` or
+    60 s, readers not at all), then refused with one line.
 
     ``lake=DIR`` attaches a Parquet lake instead: an in-memory warehouse whose tables
     are views over the lake's committed shards (and the database at ``path``, read-only,
@@ -57,7 +60,9 @@ def connect(
         raise UserError(f"no dpledger database at {db_path} (create it with `dpledger init` or dpledger.init())")
     if not read_only and not db_path.parent.exists():
         raise UserError(f"cannot create database {db_path}: folder {db_path.parent} does not exist")
-    con = open_connection(db_path, read_only, dict(config or {}))
+    if wait is None:
+        wait = 0.0 if read_only else wait_seconds()
+    con = open_connection(db_path, read_only, dict(config or {}), wait=wait)
     try:
         # settings, not connect-time config: DuckDB refuses a second connection to a file
         # with another config in one process, and the temp folder can only be changed
@@ -82,7 +87,7 @@ def init(path: str | os.PathLike | None = None) -> dict:
     if not db_path.parent.exists():
         raise UserError(f"cannot create database {db_path}: folder {db_path.parent} does not exist")
     existed = db_path.exists()
-    con = open_connection(db_path, False, {})
+    con = open_connection(db_path, False, {}, wait=wait_seconds())
     try:
         before = schema_version(con)
         actions = upgrade(con)

@@ -9,6 +9,7 @@ is pure JSON on stdout, with logs and progress on stderr. Commands live by group
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -20,6 +21,13 @@ from . import reading, accounting, training, ingest  # noqa: F401,I001 - each re
 from .common import app, err, flagged
 
 __all__ = ["app", "entry", "main"]
+
+
+class _Stderr(logging.Handler):
+    """The library's notices (e.g. waiting for a busy database), one line each on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(record.getMessage().rstrip() + "\n")
 
 
 def _normalise_param_pairs(argv: list[str]) -> list[str]:
@@ -40,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app, turning user errors into one line and exit 2."""
     from typer.exceptions import Abort, TyperException
 
+    log = logging.getLogger("dpledger")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+        log.setLevel(logging.INFO)
     args = _normalise_param_pairs(list(sys.argv[1:] if argv is None else argv))
     command = typer.main.get_command(app)
     try:
