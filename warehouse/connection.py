@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import duckdb
@@ -51,16 +53,17 @@ def _in_use(message: str) -> bool:
     return "could not set lock" in m or "conflicting lock" in m
 
 
+@lru_cache(maxsize=1)
 def _user_agent() -> str | None:
     """The user agent duckdb-engine gives its connections. DuckDB refuses a second
     connection to a file in one process with a different configuration, so
-    ``connect`` uses the same one and a notebook can hold both at once."""
+    ``connect`` uses the same one and a notebook can hold both at once. (Read from
+    the installed versions: importing SQLAlchemy would cost every command 0.2 s.)"""
     try:
-        import sqlalchemy
-        from duckdb_engine import __version__
-    except ImportError:
+        engine, alchemy = version("duckdb-engine"), version("sqlalchemy")
+    except PackageNotFoundError:
         return None
-    return f"duckdb_engine/{__version__}(sqlalchemy/{sqlalchemy.__version__})"
+    return f"duckdb_engine/{engine}(sqlalchemy/{alchemy})"
 
 
 def foreign_file(path: Path) -> str | None:
