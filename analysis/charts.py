@@ -2,7 +2,7 @@
 
 Every function takes a pandas DataFrame (a query result: the SQL side selects and
 aggregates, these functions only draw) and returns an Altair chart that works in a
-notebook as it is and in :mod:`analysis.report` (self-contained HTML, PNG).
+notebook as it is and in :mod:`analysis.html_report` (self-contained HTML, PNG).
 
 Common behaviour:
 

@@ -1,4 +1,7 @@
-r"""Per-instance composition of Thudi et al., "Gradients Look Alike: Sensitivity is
+r"""Layer: ``analysis`` (pure numeric code). Owns the ``gla`` rule's numbers: the order
+schedule, the Hölder weights, the step terms, the legacy scaling, log-mean-exp over runs.
+
+Per-instance composition of Thudi et al., "Gradients Look Alike: Sensitivity is
 Often Overestimated in DP-SGD" (USENIX Security 2024, arXiv:2307.00310), for the
 *sum* update rule, as the paper's published code computes it.
 
@@ -37,7 +40,9 @@ import math
 import numpy as np
 from scipy import special
 
-from .rdp import _log_a_int
+from .composition import clipped_ratio
+from .rdp import log_a_int
+from .validate import ParameterError
 
 #: α_0 candidates of the default rule (ε is minimised over them).
 DEFAULT_ALPHA0 = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -81,7 +86,7 @@ def step_terms(q: float, noise_multiplier: float, ratio: np.ndarray, orders: np.
         live = r > 0
         vals = np.zeros(r.shape)
         if np.any(live):
-            vals[live] = _log_a_int(q, noise_multiplier / r[live], int(alpha))
+            vals[live] = log_a_int(q, noise_multiplier / r[live], int(alpha))
         flat_out[sel] = p * vals
     return out
 
@@ -111,6 +116,27 @@ def legacy_step_terms(q: float, noise_multiplier: float, s: np.ndarray, orders: 
             cache[key] = _legacy_log_a(q, noise_multiplier, key[0], alpha) / (alpha - 1) * p * (alpha - 1)
         out[idx] = cache[key]
     return out
+
+
+def sensitivity(grad_norm, max_grad_norm, batch_size=None, legacy: bool = False) -> np.ndarray:
+    """The ratio each step term is evaluated at: r = min(norm, C)/C, or with ``legacy`` the
+    study's s = norm / batch size (not clipped, not divided by C). The one definition of
+    the legacy scaling (the SQL view ``point_step_cost`` calls it through ``gla_ratio``).
+    """
+    if not legacy:
+        return clipped_ratio(grad_norm, max_grad_norm)
+    bs = np.asarray(batch_size if batch_size is not None else np.nan, dtype=np.float64)
+    if np.any(np.isnan(bs)):
+        raise ParameterError("legacy_scaling needs the runs' batch_size", "legacy_scaling")
+    return np.asarray(grad_norm, dtype=np.float64) / bs
+
+
+def terms(q: float, noise_multiplier: float, ratio: np.ndarray, orders: np.ndarray, p: float,
+          legacy: bool = False) -> np.ndarray:
+    """The step terms of the rule: :func:`step_terms`, or the study's own :func:`legacy_step_terms`."""
+    if legacy:
+        return legacy_step_terms(q, noise_multiplier, ratio, orders, p)
+    return step_terms(q, noise_multiplier, ratio, orders, p)
 
 
 def log_mean_exp(terms: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -1,5 +1,9 @@
 r"""The fast, conservative path: per-step RDP tabulated on a grid of sensitivity ratios.
 
+Layer: ``analysis`` (pure numeric code). Owns the table of (q, σ) on the grid, its
+convexity check and its chords; the histogram × table product that composes with it
+is :mod:`analysis.composition`.
+
 For one run, every example's per-step RDP at order α is a function of one number, its
 clipped-norm ratio r = s/C ∈ [0, 1]: ρ_α(r) = RDP_SGM(q, σ/r, α). For integer α,
 log A_α(r) = log Σ_k w_k exp(r² (k² - k)/(2σ²)) is a log-sum-exp of convex functions
@@ -26,10 +30,6 @@ import numpy as np
 from .rdp import DEFAULT_ORDERS, rdp_of_sensitivity
 
 DEFAULT_GRID = 1024
-
-# The matrix product rounds; composed RDP is raised by this relative margin so the
-# fast path stays above the exact value despite floating-point error.
-ROUNDING_MARGIN = 1e-12
 
 
 @dataclass
@@ -91,20 +91,3 @@ def interpolate(table: RdpTable, ratio) -> np.ndarray:
     """The chord value of the table at each ratio: shape (n, len(orders))."""
     j, lo, hi = tent_weights(ratio, table.size)
     return lo[:, None] * table.values[j] + hi[:, None] * table.values[j + 1]
-
-
-def histogram(point_index: np.ndarray, ratio: np.ndarray, weight: np.ndarray, n_points: int, size: int) -> np.ndarray:
-    """Tent-weighted histogram of r per point: shape (n_points, size + 1).
-
-    ``weight`` counts the steps a row stands for (1 for a norm recorded every step).
-    """
-    j, lo, hi = tent_weights(ratio, size)
-    flat = point_index.astype(np.int64) * (size + 1) + j
-    h = np.bincount(flat, weights=lo * weight, minlength=n_points * (size + 1))
-    h += np.bincount(flat + 1, weights=hi * weight, minlength=n_points * (size + 1))[: n_points * (size + 1)]
-    return h.reshape(n_points, size + 1)
-
-
-def compose(hist: np.ndarray, table: RdpTable) -> np.ndarray:
-    """Composed RDP per point and order from a tent histogram: an upper bound."""
-    return (hist @ table.values) * (1.0 + ROUNDING_MARGIN)

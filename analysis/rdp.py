@@ -1,5 +1,9 @@
 r"""Rényi DP of the Poisson-subsampled Gaussian mechanism, vectorised, and RDP → (ε, δ).
 
+Layer: ``analysis`` (pure numeric code; imports no other project package). Owns the
+per-step RDP of the sampled Gaussian and the RDP → (ε, δ) conversion; composition over
+steps is :mod:`analysis.composition`.
+
 For DP-SGD step with sample rate ``q`` and (effective) noise multiplier ``σ`` the
 mechanism is the sampled Gaussian mechanism (SGM) of Mironov, Talwar and Zhang,
 "Rényi Differential Privacy of the Sampled Gaussian Mechanism" (2019, arXiv:1908.10530),
@@ -43,7 +47,7 @@ def _as_orders(orders) -> np.ndarray:
     return orders
 
 
-def _log_a_int(q: float, sigma: np.ndarray, alpha: int) -> np.ndarray:
+def log_a_int(q: float, sigma: np.ndarray, alpha: int) -> np.ndarray:
     """log A_α for integer α, one value per noise multiplier in ``sigma``."""
     k = np.arange(alpha + 1, dtype=np.float64)
     with np.errstate(divide="ignore"):
@@ -147,7 +151,7 @@ def rdp_sgm(q: float, noise_multiplier, orders=DEFAULT_ORDERS) -> np.ndarray:
         if q == 1.0:
             col = alpha / (2 * np.square(s))
         elif float(alpha).is_integer():
-            col = _log_a_int(q, s, int(alpha)) / (alpha - 1)
+            col = log_a_int(q, s, int(alpha)) / (alpha - 1)
         else:
             col = np.empty(s.shape)
             far = s > _ASYMPTOTIC_SIGMA

@@ -35,10 +35,43 @@ def test_prv_and_gdp_budgets_equal_opacus(cli):
         assert out["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
 
 
-def test_epochs_use_ceil_of_one_over_q(cli):
+def test_epochs_count_steps_as_opacus_get_noise_multiplier(cli):
+    """steps = floor(epochs / q): 2 / 0.003 = 666.67 -> 666 (not 2 x ceil(1/q) = 668)."""
     out = cli("budget", "--sample-rate", "0.003", "--noise-multiplier", "1.0", "--epochs", "2", "--delta", "1e-5",
               "--json").json()
-    assert out["steps"] == 2 * math.ceil(1 / 0.003)
+    assert out["steps"] == math.floor(2 / 0.003) == 666
+
+
+@pytest.mark.parametrize("epochs,q", [(2, 0.003), (40, 0.004), (10, 0.004), (3.5, 0.01), (1, 256 / 60000), (7, 0.3)])
+def test_steps_from_epochs_is_floor_of_epochs_over_q(epochs, q):
+    from fractions import Fraction
+
+    from dpledger.analysis.budget import steps_from_epochs
+
+    # exact rational floor of the float quotient Opacus computes (int(epochs / q))
+    assert steps_from_epochs(epochs, q) == math.floor(Fraction(epochs / q))
+
+
+def test_target_epsilon_with_epochs_calibrates_for_the_steps_reported(cli):
+    """The noise multiplier Opacus calibrates for `epochs` is the one for the steps budget reports."""
+    out = cli("budget", "--sample-rate", "0.003", "--target-epsilon", "2", "--epochs", "2", "--delta", "1e-5",
+              "--json").json()
+    want = get_noise_multiplier(target_epsilon=2, target_delta=1e-5, sample_rate=0.003, epochs=2,
+                                accountant="rdp", alphas=list(DEFAULT_ORDERS))
+    assert out["steps"] == 666
+    assert out["noise_multiplier"] == pytest.approx(want, rel=1e-12)
+
+
+def test_budget_raises_parameter_errors_naming_the_parameter():
+    from dpledger.analysis.budget import budget
+    from dpledger.analysis.validate import ParameterError
+
+    with pytest.raises(ParameterError, match=r"^sample_rate 2 is outside \(0, 1\]$") as info:
+        budget(2, 1e-5, noise_multiplier=1.0, steps=10)
+    assert info.value.params == ("sample_rate",) and isinstance(info.value, ValueError)
+    with pytest.raises(ParameterError, match="give steps or epochs") as info:
+        budget(0.1, 1e-5, noise_multiplier=1.0, steps=10, epochs=1)
+    assert set(info.value.params) == {"steps", "epochs"}
 
 
 def test_target_epsilon_gives_opacus_noise_multiplier(cli):

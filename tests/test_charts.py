@@ -1,4 +1,4 @@
-"""Charts (analysis.charts) and the HTML/PNG report (analysis.report), from small synthetic frames.
+"""Charts (analysis.charts) and the HTML/PNG report (analysis.html_report), from small synthetic frames.
 
 Each chart's Vega-Lite spec is validated against Altair's Vega-Lite JSON schema and
 checked for the fields it must encode; the report is checked as text (self-contained,
@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import stats
 
 from dpledger.analysis import charts as C
-from dpledger.analysis.report import Section, javascript_bundle, render_html, slugify, write_report
+from dpledger.analysis.html_report import Section, javascript_bundle, render_html, slugify, write_report
 
 
 # --------------------------------------------------------------------------- helpers

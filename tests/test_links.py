@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from dpledger import warehouse
-from dpledger.analysis import links as L
+from dpledger.analysis import correlations as L
 from conftest import query_rows as _q, table_snapshot
 
 
@@ -131,7 +131,7 @@ def test_curvature_scoring_and_links(study_db, tmp_path, cli):
     # one point against input_curvature called directly on the last checkpoint
     import torch
 
-    from dpledger.analysis.curvature import input_curvature
+    from dpledger.models.curvature import input_curvature
     from dpledger.models.datasets import load_dataset
     from dpledger.models.nets import build_model
 

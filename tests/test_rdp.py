@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from dpledger.analysis import grid, rdp
+from dpledger.analysis import composition, grid, rdp
 
 ORDERS = np.array(rdp.DEFAULT_ORDERS)
 
@@ -124,7 +124,10 @@ def test_histogram_composition_is_the_sum_of_chords():
     point = rng.integers(0, 5, 300)
     r = rng.uniform(0, 1, 300)
     w = rng.integers(1, 4, 300).astype(float)
-    got = grid.compose(grid.histogram(point, r, w, 5, 32), table)
+    hist = composition.Histogram(5, 32)
+    hist.add(point, r, w)
+    got = hist.rdp(table)
+    np.testing.assert_allclose(hist.covered, np.bincount(point, weights=w, minlength=5))
     want = np.zeros((5, len(ORDERS)))
     np.add.at(want, point, grid.interpolate(table, r) * w[:, None])
     np.testing.assert_allclose(got, want, rtol=1e-11)

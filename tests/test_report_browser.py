@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from dpledger.analysis import charts as C
-from dpledger.analysis.report import Section, write_report
+from dpledger.analysis.html_report import Section, write_report
 
 TIMEOUT_S = 60
 

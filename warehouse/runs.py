@@ -1,12 +1,35 @@
-"""Runs as the warehouse knows them: the one "unknown run" rule.
+"""Runs as the warehouse knows them: loading their parameters, and the one "unknown run" rule.
 
-Every command that takes a run name checks it here, so every one of them says the
-same thing about a name it does not know.
+Layer: ``warehouse`` (the store). Every job that takes a run name checks it here, so
+every one of them says the same thing about a name it does not know; the accounting,
+fit and report jobs read a run's mechanism parameters as a :class:`RunInfo`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .errors import UserError
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The columns of ``runs`` the derived-table jobs need."""
+
+    run_id: str
+    sample_rate: float | None
+    noise_multiplier: float | None
+    max_grad_norm: float | None
+    steps: int | None
+    delta: float | None
+    private: bool
+    batch_size: int | None
+    n_train: int | None
+    config_key: str | None
+
+
+_COLUMNS = ("run_id, sample_rate, noise_multiplier, max_grad_norm, steps, delta, coalesce(private, true), "
+            "batch_size, n_train, config_key")
 
 
 def known_runs(con, limit: int = 8) -> list[str]:
@@ -16,7 +39,7 @@ def known_runs(con, limit: int = 8) -> list[str]:
 
 def unknown_run(run_id: str, known: list[str], where: str = "") -> UserError:
     """The error for a run name that is not there (``where``: e.g. " in lake DIR")."""
-    return UserError(f"unknown run '{run_id}'{where} (runs: {', '.join(known) or 'none yet'})", "run")
+    return UserError(f"unknown run '{run_id}'{where} (runs: {', '.join(known) or 'none yet'})")
 
 
 def require_runs(con, run_ids: list[str]) -> None:
@@ -31,3 +54,31 @@ def require_runs(con, run_ids: list[str]) -> None:
 def require_run(con, run_id: str) -> None:
     """Raise :func:`unknown_run` unless ``run_id`` is a run of the database."""
     require_runs(con, [run_id])
+
+
+def load_runs(con, run_ids: list[str] | None = None) -> list[RunInfo]:
+    """The runs named, in that order (each must exist), or every run with recorded norms."""
+    if run_ids:
+        require_runs(con, run_ids)
+        rows = con.execute(f"SELECT {_COLUMNS} FROM runs WHERE run_id IN (SELECT unnest(?))",
+                           [list(run_ids)]).fetchall()
+        order = {r: i for i, r in enumerate(run_ids)}
+        rows.sort(key=lambda r: order[r[0]])
+    else:
+        rows = con.execute(f"SELECT {_COLUMNS} FROM runs WHERE run_id IN (SELECT DISTINCT run_id FROM point_steps) "
+                           "ORDER BY run_id").fetchall()
+    return [RunInfo(*r) for r in rows]
+
+
+def load_run(con, run_id: str) -> RunInfo:
+    """One run by name (:func:`unknown_run` if there is none)."""
+    (run,) = load_runs(con, [run_id])
+    return run
+
+
+def require_params(run: RunInfo) -> None:
+    """Raise unless the run has the mechanism parameters accounting needs (q, σ, C, steps)."""
+    missing = [name for name, v in (("sample_rate", run.sample_rate), ("noise_multiplier", run.noise_multiplier),
+                                    ("max_grad_norm", run.max_grad_norm), ("steps", run.steps)) if v is None]
+    if missing:
+        raise UserError(f"run '{run.run_id}' has no {', '.join(missing)}; it cannot be accounted")

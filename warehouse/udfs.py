@@ -1,5 +1,7 @@
 """The project's DuckDB Python UDFs, registered on every connection at connect time.
 
+Layer: ``warehouse`` (the store); the math is :mod:`analysis.rdp` and :mod:`analysis.gla`.
+
 DuckDB refuses to register a function while a result is open on the connection, so
 ``warehouse.connect`` and ``warehouse.engine`` call :func:`register_udfs` before
 running anything else. Type names are strings (duckdb 2.0 has no ``duckdb.typing``).
@@ -13,6 +15,9 @@ SQL surface:
   example whose clipped norm is ``ratio`` × C (effective noise multiplier σ/ratio).
 * ``gla_step_cost(sample_rate, noise_multiplier, ratio, step, alpha0, holder_p, max_order, legacy)``:
   the Hölder step term of :mod:`analysis.gla`.
+* ``gla_ratio(grad_norm, max_grad_norm, batch_size, legacy)``: the ratio the gla step
+  term is evaluated at (:func:`analysis.gla.sensitivity`: min(norm, C)/C, or with
+  ``legacy`` the study's norm / batch size).
 * ``rdp_epsilon(orders, rdp, delta)`` / ``rdp_best_order(orders, rdp, delta)``:
   RDP → (ε, δ) as Opacus's ``get_privacy_spent``, from two lists.
 * ``dp_epsilon(sample_rate, noise_multiplier, steps, delta)`` / ``dp_best_order(...)``:
@@ -102,12 +107,21 @@ def _gla_step_cost(q, sigma, ratio, step, alpha0, holder_p, max_order, legacy):
         steps = step[idx].astype(np.int64)
         sched = _schedule(a0, p, None if mo < 0 else int(mo), int(steps.max()) + 1)
         orders = sched[steps]
-        if leg:
-            return gla.legacy_step_terms(qq, ss, ratio[idx], orders, p)
-        return gla.step_terms(qq, ss, ratio[idx], orders, p)
+        return gla.terms(qq, ss, ratio[idx], orders, p, bool(leg))
 
     _grouped(out, [q, sigma, alpha0, holder_p, cap, legacy], fn)
     return _result(out, q, sigma, ratio, step, alpha0, holder_p)
+
+
+def _gla_ratio(norm, max_grad_norm, batch_size, legacy):
+    norm, c, bs = _np(norm), _np(max_grad_norm), _np(batch_size)
+    legacy = _np(legacy.cast(pa.int8()) if hasattr(legacy, "cast") else legacy)
+    out = np.full(norm.shape[0], np.nan)
+    plain = legacy == 0
+    out[plain] = gla.sensitivity(norm[plain], c[plain])
+    scaled = (legacy == 1) & ~np.isnan(bs)
+    out[scaled] = gla.sensitivity(norm[scaled], None, bs[scaled], legacy=True)
+    return _result(out, out)
 
 
 def _lists(orders: pa.Array, values: pa.Array):
@@ -162,6 +176,7 @@ def udfs() -> list[Udf]:
         Udf("rdp_sgm", _rdp_sgm, [d, d, d], d),
         Udf("rdp_step_cost", _rdp_step_cost, [d, d, d, d], d),
         Udf("gla_step_cost", _gla_step_cost, [d, d, d, "BIGINT", d, d, "INTEGER", "BOOLEAN"], d),
+        Udf("gla_ratio", _gla_ratio, [d, d, d, "BOOLEAN"], d),
         Udf("rdp_epsilon", _conversion(0), ["DOUBLE[]", "DOUBLE[]", d], d),
         Udf("rdp_best_order", _conversion(1), ["DOUBLE[]", "DOUBLE[]", d], d),
         Udf("dp_epsilon", _dp(0), [d, d, "BIGINT", d], d),

@@ -1,3 +1,5 @@
+-- A declared cross-check of the Python path (analysis.composition.epsilon over the
+-- composed curves that `dpledger account` stores); tests/test_accounting.py compares them.
 -- Per-example epsilon of the fast path computed in SQL alone: the RDP -> (eps, delta)
 -- conversion of Balle et al. (2020, Thm. 21), as Opacus's get_privacy_spent, minimised
 -- over the orders. Equal to the `point_epsilon` rows of a fast-path rdp accounting

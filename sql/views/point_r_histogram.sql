@@ -1,3 +1,6 @@
+-- A declared cross-check (with point_rdp_fast and point_epsilon_sql): the SQL twin of
+-- analysis.composition.Histogram, which `dpledger account` uses; tests/test_accounting.py
+-- compares the chain with the Python path on dense, checkpointed and ragged runs.
 -- The fast path's histogram: for each (run, point), the clipped-norm ratios
 -- r = min(norm, C) / C of its recorded steps, tent-weighted on the run's grid of
 -- `grid_size` cells (accountings, rule 'rdp', not exact). A step with

@@ -1,6 +1,8 @@
+-- A declared cross-check of the Python path (analysis.composition), not what
+-- `dpledger account` reads; tests/test_accounting.py compares the two.
 -- Composed RDP per (run, point, order) on the fast path, entirely in SQL: the
 -- histogram joined to the tabulated grid. `dpledger account` computes the same
--- numbers with a matrix product (much faster for large runs); tests check they agree.
+-- numbers with a matrix product (much faster for large runs).
 CREATE OR REPLACE VIEW point_rdp_fast AS
 SELECT h.run_id, h.point_id, g0.alpha,
        sum(h.weight_lo * g0.rho + h.weight_hi * g1.rho) AS rdp,

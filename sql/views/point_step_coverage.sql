@@ -1,3 +1,5 @@
+-- The coverage rule for SQL users; Python reads the same rule through
+-- warehouse/coverage.py (coverage, stream), which a test compares with this view.
 -- Every recorded (run, step, point) gradient norm with the number of steps it stands
 -- for: until that point's next recorded step, or the run's last step ("hold last").
 -- Norms recorded at checkpoints only (every 100-300 steps in GLA-style files) thus

@@ -1,8 +1,13 @@
 """``dpledger report``: what the warehouse knows about a run, as one offline HTML file.
 
+Layer: ``warehouse`` (a job that reads). Owns the report's data frames
+(:func:`report_frames`) and their assembly into a page (:func:`build_report`); the
+charts are :mod:`analysis.charts`, the page :mod:`analysis.html_report`, and the
+cumulative ε curves compose through :mod:`analysis.composition`.
+
 Every number is read on a read-only connection and aggregated in SQL or per point
 before it reaches a chart (:mod:`analysis.charts`); the page is assembled by
-:mod:`analysis.report`. The frames are also returned by :func:`report_frames` so a
+:mod:`analysis.html_report`. The frames are also returned by :func:`report_frames` so a
 notebook can draw the same charts.
 """
 
@@ -16,10 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpledger.analysis import charts, grid, rdp
-from dpledger.analysis.report import Section, write_report
+from dpledger.analysis import charts, composition, fits, grid, rdp
+from dpledger.analysis.html_report import Section, write_report
 
+from .coverage import coverage, stream
+from .db import connect
+from .epsilon_tables import NotAccounted
 from .errors import UserError
+from .fit_table import run_records
+from .runs import RunInfo, load_run, require_run
 
 MEANING = [
     "Per-example epsilon (rule rdp) composes each example's per-step Rényi DP, with sensitivity its own clipped "
@@ -53,50 +63,47 @@ def _df(con, sql: str, params: dict | None = None) -> pd.DataFrame:
     return con.sql(sql, params=params or None).df()
 
 
-def cumulative_epsilon(con, run: dict, point_ids: list[int]) -> pd.DataFrame:
-    """ε spent by each point after each recorded step (rdp composition, hold-last)."""
+def _cumulative_frame(point_id, step, composed_running, delta: float, orders) -> pd.DataFrame:
+    eps, _ = composition.epsilon(composed_running, delta, orders)
+    return pd.DataFrame({"point_id": point_id, "step": step, "cumulative_cost": eps})
+
+
+def cumulative_epsilon(con, run: RunInfo, point_ids: list[int]) -> pd.DataFrame:
+    """ε spent by each point after each recorded step (rdp composition, exact, hold-last)."""
     if not point_ids:
         return pd.DataFrame(columns=["point_id", "step", "cumulative_cost"])
-    rows = _df(con, "SELECT point_id, step, least(grad_norm, $c) / $c AS ratio, covers FROM point_step_coverage "
-                    "WHERE run_id = $run AND point_id IN (SELECT unnest($ids)) ORDER BY point_id, step",
-               {"run": run["run_id"], "c": run["max_grad_norm"], "ids": [int(p) for p in point_ids]})
+    cov = coverage(con, run)
+    parts = [(idx, step, ratio, np.ones(len(idx)) if covers is None else covers)
+             for idx, step, ratio, covers in stream(con, run, cov, only=point_ids)]
+    idx, step, ratio, covers = (np.concatenate(c) for c in zip(*parts)) if parts else [np.empty(0)] * 4
+    order = np.lexsort((step, idx))
+    idx, step, ratio, covers = idx[order], step[order], ratio[order], covers[order]
     orders = np.asarray(rdp.DEFAULT_ORDERS)
-    uniq, inv = np.unique(rows.ratio.to_numpy(), return_inverse=True)
-    per_step = rdp.rdp_of_sensitivity(run["sample_rate"], run["noise_multiplier"], uniq, orders)[inv.ravel()]
+    per_step = composition.step_rdp(run.sample_rate, run.noise_multiplier, ratio, orders)
     out = []
-    for pid, idx in rows.groupby("point_id").indices.items():
-        covers = rows.covers.to_numpy()[idx].astype(float)
-        curve = np.cumsum(per_step[idx] * covers[:, None], axis=0)
-        eps, _ = rdp.epsilon_from_rdp(curve, run["delta"], orders)
-        end = rows.step.to_numpy()[idx] + covers
-        out.append(pd.DataFrame({"point_id": pid, "step": end, "cumulative_cost": eps}))
-    return pd.concat(out, ignore_index=True)
-
-
-def _cumulative_from_dense(run: dict, ratios: np.ndarray, point_ids, every: int, table) -> pd.DataFrame:
-    orders = np.asarray(rdp.DEFAULT_ORDERS)
-    out = []
-    for pid, r in zip(point_ids, ratios):
-        per_step = grid.interpolate(table, r)  # the fast path's chords: a dense fill has a new ratio every step
-        curve = np.cumsum(per_step, axis=0)[every - 1::every]
-        eps, _ = rdp.epsilon_from_rdp(curve, run["delta"], orders)
-        out.append(pd.DataFrame({"point_id": pid, "step": np.arange(every, len(r) + 1, every), "cumulative_cost": eps}))
+    for i in np.unique(idx):
+        rows = idx == i
+        curve = composition.cumulative(per_step[rows], covers[rows])
+        out.append(_cumulative_frame(cov.point_ids[i], step[rows] + covers[rows], curve, run.delta, orders))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["point_id", "step", "cumulative_cost"])
 
 
-def fitted_curves(con, run: dict, groups: dict[str, list[int]], methods=("linear", "pchip")) -> pd.DataFrame:
+def _cumulative_from_dense(run: RunInfo, ratios: np.ndarray, point_ids, every: int, table) -> pd.DataFrame:
+    out = []
+    for pid, r in zip(point_ids, ratios):
+        per_step = grid.interpolate(table, r)  # the fast path's chords: a dense fill has a new ratio every step
+        curve = composition.cumulative(per_step)[every - 1::every]
+        out.append(_cumulative_frame(pid, np.arange(every, len(r) + 1, every), curve, run.delta, table.orders))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["point_id", "step", "cumulative_cost"])
+
+
+def fitted_curves(con, run: RunInfo, groups: dict[str, list[int]], methods=("linear", "pchip")) -> pd.DataFrame:
     """Cumulative ε of the plotted points under fills between checkpoints (analysis.fits)."""
-    from dpledger.analysis import fits
-
-    from .accounting import load_runs
-    from .fitting import run_records
-
-    (info,) = load_runs(con, [run["run_id"]])
-    pids, steps, values = run_records(con, info)
+    pids, steps, values = run_records(con, run)
     index = {int(p): i for i, p in enumerate(pids)}
-    n_steps = int(run["steps"])
+    n_steps = int(run.steps)
     every = max(1, n_steps // 400)  # ~400 points per curve
-    table = grid.tabulate(run["sample_rate"], run["noise_multiplier"])
+    table = grid.tabulate(run.sample_rate, run.noise_multiplier)
     parts = []
     for method in methods:
         f = fits.fit(method, steps, values)
@@ -110,16 +117,12 @@ def fitted_curves(con, run: dict, groups: dict[str, list[int]], methods=("linear
 
 def report_frames(con, run_id: str, rule: str = "rdp", k: int = 10) -> RunFrames:
     """Everything the report draws for one run, as data frames."""
-    run_rows = _df(con, "SELECT * FROM runs WHERE run_id = $run", {"run": run_id})
-    if run_rows.empty:
-        known = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY 1 LIMIT 8").fetchall()]
-        raise UserError(f"unknown run '{run_id}' (runs: {', '.join(known) or 'none yet'})")
-    run = run_rows.iloc[0].to_dict()
+    require_run(con, run_id)
+    run = _df(con, "SELECT * FROM runs WHERE run_id = $run", {"run": run_id}).iloc[0].to_dict()
     eps = _df(con, "SELECT point_id, epsilon, best_order FROM point_epsilon WHERE run_id = $run AND rule = $rule",
               {"run": run_id, "rule": rule})
     if eps.empty:
-        raise UserError(f"run '{run_id}' has no per-example epsilon under rule {rule}; "
-                        f"run `dpledger account --run {run_id} --rule {rule}` first")
+        raise NotAccounted(run_id, rule)
     run_eps = _df(con, "SELECT epsilon FROM run_epsilon WHERE run_id = $run", {"run": run_id}).epsilon.iloc[0]
     run_eps = None if pd.isna(run_eps) else float(run_eps)
     ranks = _df(con, "SELECT point_id, label, epsilon, rank_lowest, rank_highest FROM point_rank "
@@ -134,11 +137,10 @@ def report_frames(con, run_id: str, rule: str = "rdp", k: int = 10) -> RunFrames
     curves = pd.DataFrame(columns=["point_id", "step", "cumulative_cost", "group", "kind"])
     if run.get("noise_multiplier") is not None and run.get("max_grad_norm") is not None:
         groups = {"lowest": low.point_id.astype(int).tolist()[:5], "highest": high.point_id.astype(int).tolist()[:5]}
-        parts = [cumulative_epsilon(con, run, ids).assign(group=g, kind="recorded") for g, ids in groups.items()]
-        shape = con.execute("SELECT count(DISTINCT step), max(step) FROM point_steps WHERE run_id = ?",
-                            [run_id]).fetchall()[0]
-        if shape[0] < int(run["steps"]):  # norms at checkpoints only: overlay fills between them
-            parts.append(fitted_curves(con, run, groups))
+        info = load_run(con, run_id)
+        parts = [cumulative_epsilon(con, info, ids).assign(group=g, kind="recorded") for g, ids in groups.items()]
+        if coverage(con, info).recorded_steps < int(run["steps"]):  # norms at checkpoints only: overlay fills
+            parts.append(fitted_curves(con, info, groups))
         curves = pd.concat(parts, ignore_index=True)
     by_label = _df(con, "SELECT CAST(p.label AS VARCHAR) AS \"group\", pe.epsilon FROM point_epsilon pe "
                         "JOIN points p ON p.dataset = $ds AND p.point_id = pe.point_id "
@@ -258,13 +260,11 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
 
 def report(db, run_id: str, out, png_dir=None, rule: str = "rdp", k: int = 10) -> dict:
     """Open the warehouse read-only and write the report of ``run_id``."""
-    from .db import connect
-
     if k < 1:
-        raise UserError(f"--k {k} must be at least 1")
+        raise UserError(f"k {k} must be at least 1", "k")
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as report.html")
+        raise UserError(f"out {out} is a folder; give a file name such as report.html", "out")
     con = connect(db, read_only=True)
     try:
         return build_report(con, run_id, out, png_dir, rule, k)

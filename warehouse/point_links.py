@@ -1,5 +1,9 @@
 """``dpledger links``: per-example ε next to curvature, memorization and MIA scores,
-with the summary statistics the privacy–memorization–curvature papers report."""
+with the summary statistics the privacy–memorization–curvature papers report.
+
+Layer: ``warehouse`` (a job over the view ``point_links``); the statistics are
+:mod:`analysis.correlations`.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,20 @@ import json
 
 import pandas as pd
 
-from dpledger.analysis import links as L
+from dpledger.analysis import correlations
 
+from .epsilon_tables import NotAccounted
 from .errors import UserError
+from .runs import require_runs
 
 SCORES = ["epsilon", "curvature", "memorization", "mia_advantage", "cumulative_loss"]
 
 
 def _select(con, run_ids: list[str] | None, config: str | None, rule: str) -> pd.DataFrame:
     if bool(run_ids) == bool(config):
-        raise UserError("give --run RUN (repeatable) or --config KEY")
+        raise UserError("give run_ids RUN (repeatable) or config KEY", "run_ids", "config")
     if run_ids:
-        known = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE run_id IN (SELECT unnest(?))",
-                                           [list(run_ids)]).fetchall()}
-        missing = [r for r in run_ids if r not in known]
-        if missing:
-            raise UserError(f"unknown run '{missing[0]}'")
+        require_runs(con, run_ids)
         df = con.sql("SELECT * FROM point_links WHERE rule = $rule AND run_id IN (SELECT unnest($runs))",
                      params={"rule": rule, "runs": list(run_ids)}).df()
     else:
@@ -31,10 +33,10 @@ def _select(con, run_ids: list[str] | None, config: str | None, rule: str) -> pd
         if df.empty and not con.execute("SELECT count(*) FROM runs WHERE config_key = ? OR run_id IN "
                                         "(SELECT run_id FROM run_study WHERE study_key = ?)",
                                         [config, config]).fetchall()[0][0]:
-            raise UserError(f"--config {config}: no runs with that config_key or study_key")
+            raise UserError(f"config {config}: no runs with that config_key or study_key", "config")
     if df.empty:
         which = ", ".join(run_ids) if run_ids else config
-        raise UserError(f"no per-example epsilon under rule {rule} for {which}; run `dpledger account` first")
+        raise NotAccounted(None, rule, which)
     return df
 
 
@@ -45,8 +47,8 @@ def _group_column(df: pd.DataFrame, by: str) -> pd.Series:
     values = attrs.map(lambda d: d.get(by))
     if values.isna().all():
         keys = sorted({k for d in attrs for k in d})
-        raise UserError(f"--by {by}: the points have no such attribute (attributes: "
-                        f"{', '.join(['label'] + keys)})")
+        raise UserError(f"by {by}: the points have no such attribute (attributes: "
+                        f"{', '.join(['label'] + keys)})", "by")
     return values.astype(str)
 
 
@@ -54,16 +56,16 @@ def links(con, run_ids: list[str] | None = None, config: str | None = None, rule
           by: str | None = None) -> dict:
     """Per-point scores of the selected runs and their link statistics."""
     if k < 1:
-        raise UserError(f"--k {k} must be at least 1")
+        raise UserError(f"k {k} must be at least 1", "k")
     df = _select(con, run_ids, config, rule)
     present = [c for c in SCORES if c in df and df[c].notna().any()]
-    pairs = L.pair_stats(df, present, k) if len(present) >= 2 else pd.DataFrame()
+    pairs = correlations.pair_stats(df, present, k) if len(present) >= 2 else pd.DataFrame()
     deltas = dict(con.execute("SELECT run_id, delta FROM runs WHERE run_id IN (SELECT unnest(?))",
                               [sorted(df.run_id.unique().tolist())]).fetchall())
     bound = []
     if "memorization" in present:
         for run_id, part in df.groupby("run_id"):
-            res = L.bound_check(part.memorization, part.epsilon, deltas.get(run_id) or 0.0)
+            res = correlations.bound_check(part.memorization, part.epsilon, deltas.get(run_id) or 0.0)
             bound.append({"run_id": run_id, **res})
     per_eps = pd.DataFrame()
     eps_key = df.target_epsilon.where(df.target_epsilon.notna())
@@ -73,7 +75,7 @@ def links(con, run_ids: list[str] | None = None, config: str | None = None, rule
                    .reset_index().rename(columns={c: f"mean_{c}" for c in cols}))
     groups = pd.DataFrame()
     if by is not None:
-        groups = L.group_summary(df.assign(_group=_group_column(df, by)), "_group", present)
+        groups = correlations.group_summary(df.assign(_group=_group_column(df, by)), "_group", present)
     points = df[["run_id", "point_id", "label", *present]].sort_values(["run_id", "epsilon"], ascending=[True, False])
     return {"runs": sorted(df.run_id.unique().tolist()), "rule": rule, "scores": present, "k": k,
             "points": points, "pairs": pairs, "bound": pd.DataFrame(bound), "per_target_epsilon": per_eps,

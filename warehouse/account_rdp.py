@@ -1,0 +1,100 @@
+"""The ``rdp`` rule over the warehouse: each run's per-step RDP composed per example.
+
+Layer: ``warehouse`` (a derived-table job). Owns the tabulated grid of a (q, σ) in
+``rdp_grid`` (:func:`ensure_grid`) and the three ways of composing one run: the fast
+tabulated upper bound, the exact sum, and a dense fill between checkpoints
+(``--fill``). The numbers are :mod:`analysis.composition`'s; the rows are read by
+:mod:`warehouse.coverage` and written by :mod:`warehouse.epsilon_tables`.
+
+What the number means: summed over one run's recorded norms it is the
+*output-specific individual* privacy of Yu et al. (TMLR 2023), a statement about that
+training trajectory, which the per-step norms depend on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from dpledger.analysis import composition, fits, grid as gridmod, rdp
+
+from .coverage import FILL, coverage, stream
+from .epsilon_tables import summary, write_accounting, write_point_epsilon
+from .fit_table import fitted
+from .runs import RunInfo
+from .sqlutil import append_arrow, scalar, transaction
+
+
+def ensure_grid(con, sample_rate: float, noise_multiplier: float, size: int) -> gridmod.RdpTable:
+    """The tabulated per-step RDP of (q, σ) on ``size`` cells, from ``rdp_grid`` or computed and stored."""
+    orders = np.asarray(rdp.DEFAULT_ORDERS, dtype=np.float64)
+    key = [sample_rate, noise_multiplier, size]
+    where = "sample_rate = ? AND noise_multiplier = ? AND grid_size = ?"
+    n = scalar(con.execute(f"SELECT count(*) FROM rdp_grid WHERE {where}", key))
+    if n != (size + 1) * len(orders):
+        con.execute(f"DELETE FROM rdp_grid WHERE {where}", key)
+        table = gridmod.tabulate(sample_rate, noise_multiplier, size, orders)
+        alpha = np.repeat(orders[None, :], size + 1, axis=0)
+        j = np.repeat(np.arange(size + 1)[:, None], len(orders), axis=1)
+        bounded = np.isin(alpha, table.bounded_orders)
+        rows = pa.table({
+            "sample_rate": np.full(alpha.size, sample_rate), "noise_multiplier": np.full(alpha.size, noise_multiplier),
+            "grid_size": np.full(alpha.size, size, dtype=np.int32), "alpha": alpha.ravel(),
+            "j": j.ravel().astype(np.int32), "rho": table.values.ravel(), "bounded": bounded.ravel(),
+        })
+        append_arrow(con, "rdp_grid", rows)
+        return table
+    got = con.sql(
+        f"SELECT alpha, j, rho, bounded FROM rdp_grid WHERE {where} ORDER BY alpha, j", params=key
+    ).to_arrow_table()
+    values = got.column("rho").to_numpy().reshape(len(orders), size + 1).T.copy()
+    bounded = sorted(set(got.filter(got.column("bounded")).column("alpha").to_pylist()))
+    return gridmod.RdpTable(sample_rate, noise_multiplier, size, orders, values, bounded)
+
+
+def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(point ids, composed RDP, steps covered) of the run's records, hold-last: on ``table``, or exact."""
+    cov = coverage(con, run)
+    n = len(cov.point_ids)
+    if table is not None:
+        acc = composition.Histogram(n, table.size)
+        batch_rows = 1 << 20
+    else:
+        acc = composition.ExactSum(n, run.sample_rate, run.noise_multiplier, rdp.DEFAULT_ORDERS)
+        batch_rows = 1 << 15
+    for idx, _step, ratio, covers in stream(con, run, cov, batch_rows=batch_rows):
+        acc.add(idx, ratio, covers)
+    composed = acc.rdp(table) if table is not None else acc.rdp()
+    return cov.point_ids, composed, acc.covered
+
+
+def compose_filled(con, run: RunInfo, method: str, table: gridmod.RdpTable | None):
+    """(point ids, composed RDP, steps covered) of a dense fill of every step 0..T-1 (analysis.fits)."""
+    pids, f = fitted(con, run, method)
+    steps = int(run.steps)
+    composed = fits.compose_fill(f, steps, table=table, q=run.sample_rate, noise_multiplier=run.noise_multiplier,
+                                 orders=rdp.DEFAULT_ORDERS)
+    return pids, composed, np.full(len(pids), float(steps))
+
+
+def account_rdp(con, run: RunInfo, delta: float, exact: bool, size: int, fill: str = "step") -> dict:
+    """Compose one run under the rdp rule, replace its rows, and return its summary."""
+    orders = np.asarray(rdp.DEFAULT_ORDERS)
+    notes = [FILL if fill == "step" else f"fill {fill}: per-step ratios between records from analysis.fits "
+                                          f"(held at the first/last record outside them)"]
+    with transaction(con):
+        table = None if exact else ensure_grid(con, run.sample_rate, run.noise_multiplier, size)
+        if fill != "step":
+            pids, composed, covered = compose_filled(con, run, fill, table)
+        else:
+            pids, composed, covered = compose_recorded(con, run, table)
+        bounded = table.bounded_orders if table is not None else []
+        if bounded:
+            notes.append(f"orders {bounded} were not convex on the grid and are bounded by the next integer order")
+        write_accounting(con, run.run_id, "rdp", delta, exact, None if exact else size, orders, bounded=bounded,
+                         fill=FILL if fill == "step" else fill)
+        eps, edge = write_point_epsilon(con, run.run_id, "rdp", pids, composed, covered, delta, exact, orders)
+    if edge:
+        notes.append(f"{edge} points have their optimal order at the edge of the order list "
+                     f"({orders[0]:g} or {orders[-1]:g}); their epsilon is an upper bound that more orders could tighten")
+    return summary(run, "rdp", eps, covered, exact, delta, notes)

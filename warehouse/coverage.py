@@ -1,0 +1,103 @@
+"""How a run's recorded norms cover its steps: the one coverage rule, in Python.
+
+Layer: ``warehouse`` (reads ``point_steps``; the ratio is :func:`analysis.composition.clipped_ratio`).
+The rule, "hold last": each recorded norm of a point stands for the steps until that
+point's next record, or until the run's last step. The SQL view
+``sql/views/point_step_coverage.sql`` is the same rule for SQL users; the Python jobs
+(accounting, report) all read coverage through :func:`coverage` and :func:`stream`,
+which split runs by the view's shapes:
+
+* ``dense`` — every point at every step 0..T-1 (each row covers 1 step);
+* ``uniform`` — every point at the same steps (covers from the run's step list);
+* ``ragged`` — anything else (covers per point, through the view's window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpledger.analysis.composition import clipped_ratio
+
+from .runs import RunInfo
+
+FILL = "hold-last: each recorded norm stands for the steps until the next recorded step of that point"
+
+
+@dataclass
+class Coverage:
+    """How one run's records cover its steps (the shapes of sql/views/point_step_coverage.sql)."""
+
+    shape: str                # dense / uniform / ragged
+    point_ids: np.ndarray     # sorted
+    step_covers: dict | None  # uniform: {"steps": recorded steps, "covers": steps each stands for}
+    recorded_steps: int       # distinct recorded steps
+    run_steps: int            # the run's steps (at least the last recorded step + 1)
+
+    @property
+    def checkpoints_only(self) -> bool:
+        """Fewer recorded steps than the run has: norms at checkpoints, held in between."""
+        return self.recorded_steps < self.run_steps
+
+
+def point_ids(con, run_ids: list[str]) -> np.ndarray:
+    """The sorted ids of the points with records in any of ``run_ids``."""
+    return con.sql(
+        "SELECT DISTINCT point_id FROM point_steps WHERE run_id IN (SELECT unnest($runs)) ORDER BY point_id",
+        params={"runs": run_ids},
+    ).to_arrow_table().column(0).to_numpy()
+
+
+def coverage(con, run: RunInfo) -> Coverage:
+    """The shape of ``run``'s records and what :func:`stream` needs to give each row its covers."""
+    n_rows, n_points, n_steps, first, last = con.execute(
+        "SELECT count(*), count(DISTINCT point_id), count(DISTINCT step), min(step), max(step) "
+        "FROM point_steps WHERE run_id = ?", [run.run_id]).fetchall()[0]
+    pids = point_ids(con, [run.run_id])
+    run_steps = max(int(run.steps or 0), int(last if last is not None else -1) + 1)
+    n_steps = int(n_steps or 0)
+    if n_rows != n_points * n_steps:
+        return Coverage("ragged", pids, None, n_steps, run_steps)
+    if first == 0 and n_steps == run_steps:
+        return Coverage("dense", pids, None, n_steps, run_steps)
+    steps = con.sql("SELECT DISTINCT step FROM point_steps WHERE run_id = $run ORDER BY step",
+                    params={"run": run.run_id}).to_arrow_table().column(0).to_numpy()
+    covers = np.diff(np.append(steps, run_steps))
+    return Coverage("uniform", pids, {"steps": steps, "covers": covers}, n_steps, run_steps)
+
+
+def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=None):
+    """Batches of (point index into ``cov.point_ids``, step, ratio r, steps covered) of one run.
+
+    ``covers`` is None for a dense run (every row covers 1). The numbers of the view
+    point_step_coverage, read without joining the fact table to anything for the dense
+    and uniform shapes (a string join per row costs more than the whole histogram);
+    ragged runs go through the view's window. ``only``: restrict to these point ids.
+    """
+    table = "point_step_coverage" if cov.shape == "ragged" else "point_steps"
+    extra = ", covers" if cov.shape == "ragged" else ""
+    where = " AND point_id IN (SELECT unnest($ids))" if only is not None else ""
+    params = {"run": run.run_id}
+    if only is not None:
+        params["ids"] = [int(p) for p in only]
+    sql = f"SELECT point_id, step, grad_norm{extra} FROM {table} WHERE run_id = $run{where}"
+    pids = cov.point_ids
+    contiguous = len(pids) > 0 and pids[-1] - pids[0] + 1 == len(pids)
+    reader = con.sql(sql, params=params).to_arrow_reader(batch_size=batch_rows)
+    try:
+        for batch in reader:
+            pid = batch.column(0).to_numpy()
+            step = batch.column(1).to_numpy()
+            idx = pid - pids[0] if contiguous else np.searchsorted(pids, pid)
+            ratio = clipped_ratio(batch.column(2).to_numpy(), run.max_grad_norm)
+            if cov.shape == "dense":
+                covers = None
+            elif cov.shape == "uniform":
+                at = np.searchsorted(cov.step_covers["steps"], step)
+                covers = cov.step_covers["covers"][at].astype(np.float64)
+            else:
+                covers = batch.column(3).to_numpy().astype(np.float64)
+            yield idx, step, ratio, covers
+    finally:
+        reader.close()
