@@ -10,6 +10,7 @@ is pure JSON on stdout, with logs and progress on stderr. Commands live by group
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -46,7 +47,8 @@ def _normalise_param_pairs(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app, turning user errors into one line and exit 2."""
-    from typer.exceptions import Abort, TyperException
+    from typer._click.exceptions import NoArgsIsHelpError  # typer vendors click
+    from typer.exceptions import Abort, Exit, TyperException
 
     log = logging.getLogger("dpledger")
     if not any(isinstance(h, _Stderr) for h in log.handlers):
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ParameterError) as exc:
         err(f"error: {flagged(str(exc), exc.params)}")
         return 2
+    except NoArgsIsHelpError as exc:  # bare `dpledger` or `dpledger ingest`: the help, not an error
+        print(exc.ctx.get_help())
+        return 0
+    except Exit as exc:
+        return exc.exit_code
     except Abort:
         err("aborted")
         return 130
@@ -74,4 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover - console script
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `dpledger ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)

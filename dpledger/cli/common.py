@@ -26,10 +26,25 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help as written: [base] stays [base], flags show no "<bool>" metavar
 )
 ingest_app = typer.Typer(help="Load files into the warehouse (idempotent: a file already loaded is skipped).",
-                         no_args_is_help=True)
+                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(ingest_app, name="ingest")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dpledger import __version__
+
+        print(f"dpledger {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """A per-example privacy ledger for DP-SGD: ingest per-point gradient norms, account, rank, report."""
 
 DbOption = Annotated[
     Optional[Path],
