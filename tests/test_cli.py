@@ -93,3 +93,19 @@ def test_light_commands_start_without_the_heavy_libraries(gla_db, args):
     r = subprocess.run([sys.executable, "-c", probe, *[a.format(db=gla_db) for a in args]], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.stderr.strip().splitlines()[-1] == "[] 0", r.stderr
+
+
+def test_runs_lists_the_run_epsilon_and_the_covered_share(gla_db, cli):
+    from opacus.accountants import RDPAccountant
+
+    from dpledger.analysis.rdp import DEFAULT_ORDERS
+
+    (run,) = cli("runs", "--db", gla_db, "--json").json()
+    assert run["steps"] == 9375  # the study's 40 epochs at q = 256/60000, as Opacus counts them
+    acc = RDPAccountant()
+    acc.history = [(run["noise_multiplier"], run["sample_rate"], run["steps"])]
+    assert abs(run["epsilon"] - acc.get_epsilon(delta=run["delta"], alphas=list(DEFAULT_ORDERS))) < 1e-9
+    assert round(run["epsilon"], 4) == 11.2572
+    assert run["covered"] == 1.0  # norms recorded from step 0
+    table = cli("runs", "--db", gla_db).out
+    assert "epsilon" in table and "covered" in table

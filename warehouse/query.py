@@ -74,11 +74,17 @@ SELECT r.run_id, r.dataset, r.model, r.seed, r.sample_rate, r.noise_multiplier, 
        coalesce(ps.rows, 0) AS point_step_rows,
        coalesce(ps.points, 0) AS points_tracked,
        coalesce(ps.steps_recorded, 0) AS steps_recorded,
+       -- the share of the run's steps that recorded norms stand for (hold-last: from the
+       -- first recorded step on); below 1 when norms were scored only from a checkpoint on
+       CASE WHEN r.steps > 0 AND ps.first_step IS NOT NULL
+            THEN greatest(r.steps - ps.first_step, 0) / r.steps END AS covered,
+       re.epsilon,
        coalesce(ev.rows, 0) AS evaluation_rows,
        r.created_at
 FROM runs r
+LEFT JOIN run_epsilon re USING (run_id)
 LEFT JOIN (SELECT run_id, count(*) AS rows, count(DISTINCT point_id) AS points,
-                  count(DISTINCT step) AS steps_recorded
+                  count(DISTINCT step) AS steps_recorded, min(step) AS first_step
            FROM point_steps GROUP BY run_id) ps USING (run_id)
 LEFT JOIN (SELECT run_id, count(*) AS rows FROM evaluations GROUP BY run_id) ev USING (run_id)
 ORDER BY r.run_id
@@ -103,7 +109,8 @@ def _worker_gone(config) -> bool:
 
 
 def list_runs(con: duckdb.DuckDBPyConnection) -> pa.Table:
-    """Every run with its parameters and row counts. A run marked running whose worker
+    """Every run with its parameters, its data-independent ε (``epsilon``, RDP at the run's δ),
+    the covered share of its steps, and row counts. A run marked running whose worker
     died (killed, out of memory) shows as ``incomplete``: resume it with ``train --resume``."""
     table = con.sql(RUNS_SQL).to_arrow_table()
     configs = dict(con.execute("SELECT run_id, CAST(config AS VARCHAR) FROM runs WHERE status = 'running'").fetchall())

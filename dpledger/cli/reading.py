@@ -89,8 +89,8 @@ def runs(db: DbOption = None, json: JsonOption = False, format: FormatOption = "
         table = list_runs(con)
     if fmt == "table":  # the terminal gets the columns that tell runs apart
         table = table.select(["run_id", "dataset", "model", "sample_rate", "noise_multiplier", "max_grad_norm",
-                              "steps", "delta", "private", "status", "point_step_rows", "points_tracked",
-                              "steps_recorded"])
+                              "steps", "delta", "epsilon", "private", "status", "point_step_rows", "points_tracked",
+                              "steps_recorded", "covered"])
     emit(table, fmt, title="runs")
 
 
