@@ -1,4 +1,4 @@
-"""``dpledger sweep --executor ray``: the runs of a sweep as Ray tasks.
+"""The Ray executor (``executor="ray"``): the runs of a sweep as Ray tasks.
 
 Each run is one Ray task (``num_cpus=1``; ``num_gpus=1`` when the run asks for a
 CUDA device and the driver sees one) whose body is :func:`ingest.tasks.train_in_lake`: it
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from dpledger.warehouse.errors import UserError
 
-from .tasks import train_in_lake
+from .tasks import failed_summary, train_in_lake
 from .worker import TrainConfig
 
 INSTALL_HINT = "executor ray needs Ray: pip install 'dpledger[distributed]'"
@@ -65,9 +65,9 @@ def _ray_task(cfg_dict: dict, lake: str, worker: str, threads: int, cwd: str | N
     try:
         result = train_in_lake(cfg_dict, lake, worker, threads)
     except UserError as exc:  # e.g. the lake cannot be written from this node
-        result = {"run_id": cfg_dict.get("run"), "status": "failed", "error": str(exc)}
+        result = failed_summary(cfg_dict.get("run"), exc)
     except Exception as exc:  # noqa: BLE001 - one run's crash must not end the sweep
-        result = {"run_id": cfg_dict.get("run"), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        result = failed_summary(cfg_dict.get("run"), exc, f"{type(exc).__name__}: {exc}")
     try:
         import ray
 
@@ -133,11 +133,6 @@ def _restore(saved: dict) -> None:
         else:
             os.environ[key] = value
     ray_constants.ENABLE_RAY_CLUSTER = saved["enable_cluster"]
-
-
-def _summary_of_error(run_id: str, exc: BaseException) -> dict:
-    text = str(exc).strip().splitlines()
-    return {"run_id": run_id, "status": "failed", "error": f"{type(exc).__name__}: {text[-1] if text else ''}"}
 
 
 def run_sweep_ray(configs: list[TrainConfig], lake: str | Path, address: str | None = None,
@@ -270,7 +265,9 @@ def _submit(ray, configs, lake: Path, on_done) -> list[dict]:
             try:
                 result = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - the worker died (retries spent), or the task was cancelled
-                result = _summary_of_error(cfg.run, getattr(exc, "cause", None) or exc)
+                cause = getattr(exc, "cause", None) or exc
+                text = str(cause).strip().splitlines()
+                result = failed_summary(cfg.run, cause, f"{type(cause).__name__}: {text[-1] if text else ''}")
             results.append(result)
             if on_done:
                 on_done(result, len(results), len(configs))

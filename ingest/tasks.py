@@ -20,7 +20,8 @@ from .worker import TrainConfig, train
 def train_in_lake(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
     """Run the config ``cfg_dict`` (a :class:`TrainConfig` as a dict) into ``lake`` as
     writer ``worker`` with ``threads`` torch threads (unless the config sets them);
-    a :class:`UserError` or an ``OSError`` is a failed summary, not an exception."""
+    a :class:`UserError` or an ``OSError`` is a failed summary, not an exception (its
+    ``error_params``: the parameters the error names, see :func:`failed_summary`)."""
     warnings.filterwarnings("ignore", message="Full backward hook")
     cfg = TrainConfig(**cfg_dict)
     if cfg.threads is None and threads < (os.cpu_count() or 1):
@@ -34,7 +35,15 @@ def train_in_lake(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
             cfg.run_dir = str(sink.run_dir(cfg.run))
         return train(cfg, sink, resume=sink.run_exists(cfg.run))
     except (UserError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
-        return {"run_id": cfg.run, "status": "failed", "error": str(exc)}
+        return failed_summary(cfg.run, exc)
 
 
-__all__ = ["train_in_lake"]
+def failed_summary(run_id: str | None, exc: BaseException, error: str | None = None) -> dict:
+    """The summary of a run that failed with ``exc``: ``error`` (default ``str(exc)``) and
+    ``error_params``, the parameters a :class:`UserError` names (a front end writes them
+    its own way, as the CLI writes flags)."""
+    return {"run_id": run_id, "status": "failed", "error": str(exc) if error is None else error,
+            "error_params": list(getattr(exc, "params", ()))}
+
+
+__all__ = ["failed_summary", "train_in_lake"]

@@ -53,7 +53,11 @@ import torch
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 from dpledger.analysis.budget import steps_from_epochs
+from dpledger.analysis.rdp import DEFAULT_ORDERS
 from dpledger.models.datasets import DatasetError, load_dataset
+from dpledger.models.dp_step import DPSGD
+from dpledger.models.evaluation import accuracy, evaluate_points
+from dpledger.models.grad_norms import GradNormTracker
 from dpledger.models.nets import ModelError, build_model
 from dpledger.warehouse.errors import UserError
 
@@ -227,9 +231,7 @@ def _noise_multiplier(cfg: TrainConfig, q: float, steps: int) -> float | None:
         return None
     if cfg.target_epsilon is None:
         return float(cfg.noise_multiplier)
-    from opacus.accountants.utils import get_noise_multiplier
-
-    from dpledger.analysis.rdp import DEFAULT_ORDERS
+    from opacus.accountants.utils import get_noise_multiplier  # opacus is slow to import: only when needed
 
     try:
         return float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
@@ -366,8 +368,6 @@ def train(cfg: TrainConfig, sink: Sink, *, resume: bool = False, db_dir: Path | 
 
 def _run(plan: RunPlan, sink: Sink, resume: bool, on_progress) -> dict:
     """Build the model and DP-SGD, restore a resume state, and train from there."""
-    from dpledger.models.dp_step import DPSGD  # imports opacus: only when a run trains
-
     cfg, run_id = plan.cfg, plan.cfg.run
     device = torch.device(cfg.device)
     model = build(cfg, plan.ds).to(device)
@@ -408,9 +408,6 @@ def _run(plan: RunPlan, sink: Sink, resume: bool, on_progress) -> dict:
 def _loop(plan: RunPlan, dp, sampler: torch.Generator, recorder: Recorder, start: int,
           on_progress) -> tuple[dict, float]:
     """Steps ``start`` .. ``total - 1``; returns the timing and the last test accuracy."""
-    from dpledger.models.evaluation import accuracy, evaluate_points
-    from dpledger.models.grad_norms import GradNormTracker
-
     cfg, n, total, q = plan.cfg, plan.n, plan.total, plan.q
     device = torch.device(cfg.device)
     ds, members, track_ids, eval_ids = plan.ds, plan.members, plan.track_ids, plan.eval_ids

@@ -1,1 +1,6 @@
-"""Datasets (offline) and model architectures for the training workers."""
+"""The torch layer: offline datasets (:mod:`.datasets`), architectures (:mod:`.nets`), the
+per-example gradient-norm tracker (:mod:`.grad_norms`), one DP-SGD update (:mod:`.dp_step`),
+per-point evaluation (:mod:`.evaluation`) and input-loss curvature (:mod:`.curvature`).
+
+Imports torch, opacus, numpy, scikit-learn and PIL only: no other dpledger package.
+"""
