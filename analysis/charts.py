@@ -1,5 +1,7 @@
 """Altair charts of per-example privacy costs: what the ledger's query results look like.
 
+Layer: ``analysis`` (draws query results; imports no other project package).
+
 Every function takes a pandas DataFrame (a query result: the SQL side selects and
 aggregates, these functions only draw) and returns an Altair chart that works in a
 notebook as it is and in :mod:`analysis.html_report` (self-contained HTML, PNG).
@@ -112,6 +114,15 @@ def _require(df: pd.DataFrame, columns: Iterable[str], chart: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{chart}: the frame lacks column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+
+
+def _columns(df: pd.DataFrame, columns: list[str], chart: str, text: Iterable[str] = ()) -> pd.DataFrame:
+    """A copy of ``columns`` of ``df`` (each required), with the ``text`` ones as strings."""
+    _require(df, columns, chart)
+    d = df[columns].copy()
+    for c in text:
+        d[c] = d[c].astype(str)
+    return d
 
 
 def _fmt(x, spec: str = ".4g") -> str:
@@ -303,11 +314,8 @@ def cost_curves(df: pd.DataFrame, k: int, cost_title: str = "cumulative privacy 
     title = f"Cumulative privacy cost of the {k} lowest- and {k} highest-{_EPS} points"
     if _is_empty(df):
         return no_data_chart(title)
-    _require(df, ["point_id", "step", "cumulative_cost", "group", "kind"], "cost_curves")
-    d = df[["point_id", "step", "cumulative_cost", "group", "kind"]].copy()
-    d["point_id"] = d["point_id"].astype(str)
-    d["group"] = d["group"].astype(str)
-    d["kind"] = d["kind"].astype(str)
+    d = _columns(df, ["point_id", "step", "cumulative_cost", "group", "kind"], "cost_curves",
+                 text=["point_id", "group", "kind"])
     d = d[np.isfinite(pd.to_numeric(d["cumulative_cost"], errors="coerce").astype(np.float64))]
     if d.empty:
         return no_data_chart(title, "no finite costs")
@@ -668,10 +676,7 @@ def training_curves(df: pd.DataFrame) -> alt.ConcatChart | alt.Chart:
     title = "Training curves: DP-SGD vs non-private runs"
     if _is_empty(df):
         return no_data_chart(title)
-    _require(df, ["run_id", "step", "metric", "value", "private"], "training_curves")
-    d = df[["run_id", "step", "metric", "value", "private"]].copy()
-    d["run_id"] = d["run_id"].astype(str)
-    d["metric"] = d["metric"].astype(str)
+    d = _columns(df, ["run_id", "step", "metric", "value", "private"], "training_curves", text=["run_id", "metric"])
     d["value"] = pd.to_numeric(d["value"], errors="coerce").astype(np.float64)
     d = d[np.isfinite(d["value"])]
     if d.empty:

@@ -11,6 +11,9 @@ Curvature of Loss Function Around Samples" (ICML 2024).
   e^ε P[correct | out] + δ, so mem = P_in − P_out ≤ 1 − e^{−ε} + δ e^{−ε}; the fraction of
   points whose estimated memorization respects it at their per-example ε;
 * per-group summaries (mean / median / max) by class or attribute.
+
+Layer: ``analysis`` (pure numeric code; imports no other project package). The
+warehouse job that feeds it is :mod:`warehouse.point_links`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Self-contained HTML reports of Altair charts, and PNG export.
 
+Layer: ``analysis`` (imports no other project package). Owns the page; what goes on it
+is assembled by :mod:`warehouse.report_frames`.
+
 :func:`render_html` builds ONE HTML file that opens offline from disk: the Vega,
 Vega-Lite and vega-embed JavaScript is inlined once (the bundle that ``vl_convert``
 ships, the same one Altair's ``save(..., inline=True)`` uses), every chart is its

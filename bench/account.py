@@ -3,9 +3,9 @@
 Generates ``--points`` x ``--steps`` (default 10,000 x 10,000 = 100 million) per-point
 per-step gradient norms into a temporary warehouse, then measures, in the same run:
 
-* the fast path (`warehouse.accounting.account`, tabulated grid): rows/second and the
+* the fast path (`dpledger.account`, tabulated grid): rows/second and the
   peak memory (RSS) of the process that runs it;
-* the exact path (per-row RDP at every order) on a sample of rows, scaled to all rows;
+* the exact path (per-row RDP at every order, `analysis.composition.step_rdp`) on a sample of rows, scaled to all rows;
 * a per-row loop calling Opacus's ``compute_rdp`` on a sample, scaled to all rows;
 
 and prints the speedups of the fast path over both. Goals (2 cores): 100M rows in
@@ -51,12 +51,11 @@ def generate(db: Path, points: int, steps: int, q: float, sigma: float) -> float
 
 
 def _account_child(db: str, out) -> None:
-    from dpledger import warehouse
-    from dpledger.warehouse import accounting
+    import dpledger
 
-    con = warehouse.connect(db)
+    con = dpledger.connect(db)
     t0 = time.perf_counter()
-    summary = accounting.account(con, ["bench"])
+    summary = dpledger.account(con, ["bench"])
     elapsed = time.perf_counter() - t0
     con.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -82,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     q, sigma = 256 / 60_000, 1.0
     rows = args.points * args.steps
-    from dpledger.analysis import rdp
+    from dpledger.analysis import composition, rdp
     from opacus.accountants.analysis.rdp import compute_rdp
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +102,7 @@ def main() -> None:
 
         ratios = sample_rows(db, args.sample)
         t0 = time.perf_counter()
-        rdp.rdp_of_sensitivity(q, sigma, ratios, rdp.DEFAULT_ORDERS)
+        composition.step_rdp(q, sigma, ratios, rdp.DEFAULT_ORDERS)
         per_row_exact = (time.perf_counter() - t0) / len(ratios)
         exact_total = per_row_exact * rows
         print(f"exact path, {len(ratios):,} sampled rows   : {per_row_exact * 1e6:9.1f} us/row -> "
