@@ -26,6 +26,8 @@ so one bad run never stops the others.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,8 +124,6 @@ def stop_local(saved: dict) -> None:
 
 
 def _restore(saved: dict) -> None:
-    import shutil
-
     from ray._private import ray_constants
 
     shutil.rmtree(saved["temp_dir"], ignore_errors=True)  # the session's sockets and logs
@@ -207,8 +207,6 @@ def parse_address(address: str) -> tuple[str, int] | None:
 
 def _connect(ray, address: str) -> dict:
     """Connect to the cluster at ``address`` (HOST:PORT of its GCS, ``auto``, or ``ray://``)."""
-    import socket
-
     host_port = parse_address(address)
     host = None
     if host_port is not None:
