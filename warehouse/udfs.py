@@ -27,6 +27,7 @@ SQL surface:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -34,7 +35,20 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from dpledger.analysis import gla, rdp
+
+class _Lazy:
+    """A module loaded when first used: the math imports scipy (0.2 s), which commands
+    that never call a UDF (``runs``, ``--help``) should not pay for."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+rdp = _Lazy("dpledger.analysis.rdp")
+gla = _Lazy("dpledger.analysis.gla")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dpledger.analysis.validate import ParameterError
 from dpledger.warehouse.errors import UserError
 
 from . import reading, accounting, training, ingest  # noqa: F401,I001 - each registers its commands on app, in this order
-from .common import app, err, flagged
+from .common import app, err, user_message
 
 __all__ = ["app", "entry", "main"]
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=args, prog_name="dpledger", standalone_mode=False)
     except (UserError, ParameterError) as exc:
-        err(f"error: {flagged(str(exc), exc.params)}")
+        err(f"error: {user_message(exc)}")
         return 2
     except NoArgsIsHelpError as exc:  # bare `dpledger` or `dpledger ingest`: the help, not an error
         print(exc.ctx.get_help())

@@ -61,15 +61,33 @@ def err(message: str) -> None:
     sys.stderr.write(message.rstrip() + "\n")
 
 
+# library parameters whose flag is not simply --the-same-name
+FLAGS = {"run_ids": "--run", "run_id": "--run", "png_dir": "--png", "n_probes": "--probes"}
+
+
 def flag(param: str) -> str:
-    """``sample_rate`` -> ``--sample-rate``."""
-    return "--" + param.replace("_", "-")
+    """``sample_rate`` -> ``--sample-rate`` (and the few renamed ones, ``run_ids`` -> ``--run``)."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
 def flagged(message: str, params) -> str:
-    """The library's message with each parameter it names (``params``) written as its flag."""
+    """The library's message with the first mention of each parameter it names (``params``)
+    written as its flag: a whole word, never inside a path or a longer name (``/tmp/out/x``,
+    ``max_steps``); later mentions stay words (``dataset x: unknown dataset 'x'``)."""
     for param in params or ():
-        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag(param), message)
+        message = re.sub(rf"(?<![\w\-/.]){re.escape(param)}(?![\w\-/]|\.\w)", flag(param), message, count=1)
+    return message
+
+
+def user_message(exc: Exception) -> str:
+    """What the CLI prints for a library error: its parameters as flags, and, for work not yet
+    done, the command that does it."""
+    from dpledger.warehouse.epsilon_tables import NotAccounted
+
+    message = flagged(str(exc), getattr(exc, "params", ()))
+    if isinstance(exc, NotAccounted):
+        run = f" --run {exc.run_id}" if exc.run_id is not None else ""
+        message = message.replace("; account it first", f"; run `dpledger account{run} --rule {exc.rule}` first")
     return message
 
 

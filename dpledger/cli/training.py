@@ -12,7 +12,7 @@ import typer
 
 from dpledger.warehouse.errors import UserError
 
-from .common import DbOption, JsonOption, app, connected, progress, print_json
+from .common import DbOption, JsonOption, app, connected, flagged, progress, print_json
 
 
 @app.command()
@@ -105,11 +105,14 @@ def sweep(
         print_json({"runs": results, "merged": merged})
     else:
         for r in results:
-            what = r.get("skipped") or r.get("error") or f"{r['steps']} steps, {r['rows']} point-step rows"
+            what = (r.get("skipped") or (r.get("error") and flagged(r["error"], r.get("error_params")))
+                    or f"{r['steps']} steps, {r['rows']} point-step rows")
             print(f"{r['run_id']}: {r['status']} ({what})")
         print(f"merged {sum(m['rows'] for m in merged)} new point-step rows from {out['lake']} into {out['db']}")
     if failed:
-        raise UserError(f"{len(failed)} of {len(results)} runs failed; first: {failed[0]['run_id']}: {failed[0]['error']}")
+        first = failed[0]
+        raise UserError(f"{len(failed)} of {len(results)} runs failed; first: {first['run_id']}: "
+                        f"{flagged(first['error'], first.get('error_params'))}")
 
 
 @app.command()
