@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DbOption, FormatOption, JsonOption, app, connected, err, output_format, print_json, progress
+from .common import (DbOption, EpochsHelp, FormatOption, JsonOption, NoiseMultiplierOption, StepsOption, app, connected,
+                     err, output_format, print_json, progress)
 
 
 @app.command()
@@ -122,10 +123,10 @@ def rank(
 def budget(
     sample_rate: Annotated[float, typer.Option(help="Poisson sample rate q.", show_default=False)],
     delta: Annotated[float, typer.Option(help="Target delta.", show_default=False)],
-    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma (gives epsilon).")] = None,
+    noise_multiplier: NoiseMultiplierOption = None,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon (gives the noise multiplier).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Number of steps.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Epochs (steps = floor(epochs / q), as Opacus counts them).")] = None,
+    steps: StepsOption = None,
+    epochs: Annotated[Optional[float], typer.Option(help=EpochsHelp)] = None,
     accountant: Annotated[str, typer.Option(help="rdp, prv or gdp.")] = "rdp",
     json: JsonOption = False,
 ) -> None:

@@ -51,6 +51,12 @@ DbOption = Annotated[
     typer.Option("--db", help="Database file (default: $DPLEDGER_DB or ./dpledger.duckdb)", show_default=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+# DP-SGD's parameters, named as Opacus names them, with one help text each
+SampleRateOption = Annotated[Optional[float], typer.Option(help="Poisson sample rate q (batch size / n).")]
+NoiseMultiplierOption = Annotated[Optional[float], typer.Option(help="Noise multiplier sigma.")]
+MaxGradNormOption = Annotated[Optional[float], typer.Option(help="Clipping norm C.")]
+StepsOption = Annotated[Optional[int], typer.Option(help="Number of steps (of the run).")]
+EpochsHelp = "Epochs (steps = floor(epochs / q), as Opacus counts them)."
 
 
 FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")]

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DbOption, JsonOption, connected, ingest_app, print_json
+from .common import (DbOption, JsonOption, MaxGradNormOption, NoiseMultiplierOption, SampleRateOption, StepsOption,
+                     connected, ingest_app, print_json)
 
 
 def _print_ingest_results(results: list[dict], json: bool) -> None:
@@ -42,12 +43,12 @@ def ingest_gla_csv(
 def ingest_steps(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet: step, point_id, grad_norm[, loss, sampled].", show_default=False)],
     run: Annotated[str, typer.Option(help="Run name (created if new).", show_default=False)],
-    sample_rate: Annotated[Optional[float], typer.Option(help="Poisson sample rate q.")] = None,
-    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma.")] = None,
-    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clipping norm C.")] = None,
+    sample_rate: SampleRateOption = None,
+    noise_multiplier: NoiseMultiplierOption = None,
+    max_grad_norm: MaxGradNormOption = None,
     delta: Annotated[Optional[float], typer.Option(help="Target delta (default: 1e-5 for a new run).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset the point ids index.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Number of steps of the run (default: last step + 1).")] = None,
+    steps: StepsOption = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Expected batch size.")] = None,
     norms_clipped: Annotated[bool, typer.Option("--norms-clipped", help="grad_norm holds norms already clipped at C.")] = False,
     db: DbOption = None,

@@ -12,7 +12,8 @@ import typer
 
 from dpledger.warehouse.errors import UserError
 
-from .common import DbOption, JsonOption, app, connected, flagged, progress, print_json
+from .common import (DbOption, EpochsHelp, JsonOption, NoiseMultiplierOption, app, connected, flagged, print_json,
+                     progress)
 
 
 @app.command()
@@ -21,12 +22,12 @@ def train(
     dataset: Annotated[str, typer.Option(help="digits, mnist5k, synthetic, mnist, fashion-mnist, cifar10, fairface, npz.")] = "digits",
     data_path: Annotated[Optional[str], typer.Option(help="Local files of the dataset (mnist, cifar10, fairface, npz).")] = None,
     model: Annotated[str, typer.Option(help="logreg, mlp, lenet or resnet18.")] = "mlp",
-    epochs: Annotated[float, typer.Option(help="Epochs (steps = floor(epochs / q), as Opacus counts them).")] = 5.0,
+    epochs: Annotated[float, typer.Option(help=EpochsHelp)] = 5.0,
     batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size; q = batch_size / n.")] = 64,
     lr: Annotated[float, typer.Option(help="Learning rate (SGD).")] = 0.5,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option(help="Clipping norm C.")] = 1.0,
-    noise_multiplier: Annotated[Optional[float], typer.Option(help="Noise multiplier sigma.")] = None,
+    noise_multiplier: NoiseMultiplierOption = None,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon (Opacus calibrates sigma).")] = None,
     delta: Annotated[float, typer.Option(help="Delta.")] = 1e-5,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, sampling and noise.")] = 0,
