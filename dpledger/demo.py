@@ -27,8 +27,13 @@ def demo_config(epochs: float = 8.0) -> TrainConfig:
 
 
 def run_demo(out_dir: str | Path = "dpledger-demo", epochs: float = 8.0,
-             on_progress: Callable[[dict], None] | None = None) -> dict:
-    """Train, account, rank and report into ``out_dir``; returns a summary."""
+             on_progress: Callable[[dict], None] | None = None,
+             on_phase: Callable[[str], None] | None = None) -> dict:
+    """Train, account, rank and report into ``out_dir``; returns a summary.
+
+    ``on_progress`` gets the training steps; ``on_phase`` a line as each later phase starts.
+    """
+    phase = on_phase or (lambda text: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.duckdb"
@@ -39,13 +44,16 @@ def run_demo(out_dir: str | Path = "dpledger-demo", epochs: float = 8.0,
             trained = {"run_id": DEMO_RUN, "status": "finished", "reused": True}
         else:
             trained = train(demo_config(epochs), sink, resume=bool(status), db_dir=out, on_progress=on_progress)
+        phase("accounting per-example epsilon")
         accounted = account(sink.con, [DEMO_RUN])[0]
     finally:
         sink.close()
     con = connect(db, read_only=True)
     try:
+        phase("ranking the points")
         lowest = rank(con, DEMO_RUN, lowest=5)
         highest = rank(con, DEMO_RUN, highest=5)
+        phase("writing the report and its charts")
         rep = build_report(con, DEMO_RUN, out / "report.html", png_dir=out / "charts")
     finally:
         con.close()

@@ -29,6 +29,10 @@ def test_demo_trains_accounts_ranks_and_reports(tmp_path):
     r = _demo(out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "per-example epsilon: min" in r.stdout and "5 points paying the most privacy" in r.stdout
+    # in a pipe, progress is a line per phase on stderr, so the minutes after training are not silent
+    assert [line for line in r.stderr.splitlines() if line.endswith("...")] == [
+        "training MLP on digits with DP-SGD...", "accounting per-example epsilon...", "ranking the points...",
+        "writing the report and its charts..."]
 
     con = duckdb.connect(str(out / "demo.duckdb"), read_only=True)
     try:

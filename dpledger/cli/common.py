@@ -121,8 +121,27 @@ def connected(db, read_only: bool = False) -> Iterator:
 @contextmanager
 def progress(description: str, unit: str, *, disable: bool = False, info: bool = False,
              remaining: bool = False) -> Iterator[Callable[..., None]]:
-    """A transient progress bar on stderr; yields ``update(completed=, total=, description=, info=)``."""
+    """Progress on stderr; yields ``update(completed=, total=, description=, info=)``.
+
+    On a terminal: a transient bar. In a pipe or a log file: one line per phase (each new
+    description), so a long silent phase still says what it is doing. ``disable`` (e.g.
+    under ``--json``): nothing.
+    """
     from rich.console import Console
+
+    console = Console(stderr=True)
+    if disable or not console.is_terminal:
+        said = [None]
+
+        def say(**fields) -> None:
+            text = fields.get("description")
+            if not disable and text and text != said[0]:
+                said[0] = text
+                err(f"{text}...")
+
+        say(description=description)
+        yield say
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}")]
@@ -131,7 +150,7 @@ def progress(description: str, unit: str, *, disable: bool = False, info: bool =
     columns.append(TimeElapsedColumn())
     if remaining:
         columns.append(TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=disable) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=None, info="")
 
         def update(**fields) -> None:

@@ -129,7 +129,8 @@ def demo(
 
     with progress("training MLP on digits with DP-SGD", "steps", disable=json, info=True) as update:
         summary = run_demo(out, epochs, on_progress=lambda p: update(
-            completed=p["step"], total=p["total"], info=f"loss {p['loss']:.3f}"))
+            completed=p["step"], total=p["total"], info=f"loss {p['loss']:.3f}"),
+            on_phase=lambda text: update(description=text))
     if json:
         print_json({**summary, "lowest": records(summary["lowest"]), "highest": records(summary["highest"])})
         return
