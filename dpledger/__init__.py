@@ -37,6 +37,9 @@ _API = {
     "rank": ("dpledger.warehouse.rank", "rank"),
     "report": ("dpledger.warehouse.report_frames", "report"),
     "links": ("dpledger.warehouse.point_links", "links"),
+    # your own Opacus training loop
+    "track": ("dpledger.ingest.tracker", "track"),
+    "Ledger": ("dpledger.ingest.tracker", "Ledger"),
     # workflows
     "TrainConfig": ("dpledger.ingest.worker", "TrainConfig"),
     "train": ("dpledger.workflows", "train"),
