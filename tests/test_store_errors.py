@@ -62,14 +62,13 @@ def _hold(db, seconds: float) -> subprocess.Popen:
 def test_a_database_in_use_is_reported_as_in_use(gla_db, tmp_path):
     holder = _hold(gla_db, 60)
     try:
-        r = _dpledger("runs", "--db", gla_db, home=tmp_path)  # a reader does not wait
-        assert r.returncode == 2 and "in use by another process" in r.stderr, r.stderr
-        started = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "dpledger", "init", "--db", str(gla_db)], capture_output=True,
-                           text=True, timeout=120, env={**os.environ, "DPLEDGER_WAIT": "1.5"})
-        assert r.returncode == 2 and "in use by another process after waiting 1.5 s" in r.stderr, r.stderr
-        assert 1.4 < time.monotonic() - started < 30
-        assert r.stderr.count("waiting up to 1.5 s") == 1  # said once, not per retry
+        for command in (["init"], ["runs"]):  # a writer and a reader alike wait, then say so
+            started = time.monotonic()
+            r = subprocess.run([sys.executable, "-m", "dpledger", *command, "--db", str(gla_db)], capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "DPLEDGER_WAIT": "1.5"})
+            assert r.returncode == 2 and "in use by another process after waiting 1.5 s" in r.stderr, r.stderr
+            assert 1.4 < time.monotonic() - started < 30
+            assert r.stderr.count("waiting up to 1.5 s") == 1  # said once, not per retry
     finally:
         holder.kill()
         holder.wait()

@@ -15,6 +15,7 @@ import time
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import duckdb
 
@@ -25,13 +26,15 @@ from .udfs import register_udfs
 # asks for one (a SQLite file passed as the database, say).
 SAFE_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
-# How long a writer waits for a database another process holds (DuckDB allows one
-# writing process per file): $DPLEDGER_WAIT seconds, default 60, at most a day.
+# How long a command waits for a database another process holds (DuckDB allows one
+# writing process per file, and no reader beside it): $DPLEDGER_WAIT seconds, default
+# 60, at most a day.
 ENV_WAIT = "DPLEDGER_WAIT"
 DEFAULT_WAIT_S = 60.0
 MAX_WAIT_S = 86_400.0
 
 log = logging.getLogger("dpledger")
+T = TypeVar("T")
 
 
 def wait_seconds() -> float:
@@ -81,6 +84,29 @@ def foreign_file(path: Path) -> str | None:
     return "its header is not DuckDB's"
 
 
+def retry_in_use(action: Callable[[], T], db_path, wait: float) -> T:
+    """``action()`` (an open or an ATTACH of ``db_path``), retried while another process holds
+    the file: a growing pause (0.1 s doubling to 2 s) for up to ``wait`` seconds, said once
+    (logger ``dpledger``); then, or on any other failure, a one-line :class:`UserError`."""
+    deadline, pause, said = time.monotonic() + wait, 0.1, False
+    while True:
+        try:
+            return action()
+        except duckdb.Error as exc:
+            msg = str(exc).splitlines()[0]
+            if not _in_use(msg):
+                raise UserError(f"cannot open database {db_path}: {msg}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                raise UserError(f"database {db_path} is in use by another process{waited} ({msg})") from None
+            if not said:
+                log.warning("database %s is in use by another process; waiting up to %g s", db_path, wait)
+                said = True
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
+
+
 def open_connection(db_path: Path, read_only: bool, config: dict, wait: float = 0.0) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection to ``db_path`` (``:memory:`` for none) with the UDFs registered;
     failures to open are one-line :class:`UserError`s.
@@ -96,24 +122,7 @@ def open_connection(db_path: Path, read_only: bool, config: dict, wait: float = 
     not_duckdb = foreign_file(db_path)
     if not_duckdb:
         raise UserError(f"{db_path} is not a DuckDB database file ({not_duckdb})")
-    deadline, pause, said = time.monotonic() + wait, 0.1, False
-    while True:
-        try:
-            con = duckdb.connect(str(db_path), read_only=read_only, config=config)
-            break
-        except duckdb.Error as exc:
-            msg = str(exc).splitlines()[0]
-            if not _in_use(msg):
-                raise UserError(f"cannot open database {db_path}: {msg}") from None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                waited = f" after waiting {wait:g} s" if wait > 0 else ""
-                raise UserError(f"database {db_path} is in use by another process{waited} ({msg})") from None
-            if not said:
-                log.warning("database %s is in use by another process; waiting up to %g s", db_path, wait)
-                said = True
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 2.0)
+    con = retry_in_use(lambda: duckdb.connect(str(db_path), read_only=read_only, config=config), db_path, wait)
     try:
         register_udfs(con)
     except BaseException:

@@ -15,7 +15,7 @@ import duckdb
 
 from .connection import open_connection, wait_seconds
 from .errors import UserError
-from .lake import connect_lake
+from .lake import connect_lake, has_runs
 from .schema import check_current, schema_version, upgrade
 
 DEFAULT_DB = "dpledger.duckdb"
@@ -29,6 +29,11 @@ def resolve_db_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path)
 
 
+def default_lake(db_path: str | os.PathLike) -> Path:
+    """The project's lake, where training processes write: ``lake/`` beside the database."""
+    return Path(db_path).resolve().parent / "lake"
+
+
 def connect(
     path: str | os.PathLike | None = None,
     read_only: bool = False,
@@ -40,28 +45,31 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """Open the warehouse with its schema current and the project's UDFs registered.
 
-    ``read_only=True`` opens the file in DuckDB's read-only access mode (writes fail),
-    with no temporary directory (a read never spills to disk), and requires an
-    existing, current database; ``external_access=False`` also stops SQL from reading
-    or writing other files (``dpledger query`` unless files are allowed). Read-write
-    opening creates the file and applies pending migrations. A file another process
-    holds is waited for up to ``wait`` seconds (default: writers ``$DPLEDGER_WAIT`` or
-    60 s, readers not at all), then refused with one line.
+    ``read_only=True`` is a reader's view, live: the database (DuckDB's read-only mode)
+    *and* the committed shards of the project's lake (``lake/`` beside the database,
+    where training processes write) that are not merged yet, as one in-memory warehouse
+    of views (:func:`dpledger.warehouse.lake.connect_lake`); without a lake, the file
+    itself. Either way no temporary directory (a read never spills to disk), and
+    ``external_access=False`` stops SQL from reading files other than the lake's shards.
+    Read-write opening creates the file and applies pending migrations; it sees the
+    database only (merge the lake first: ``dpledger ingest shards``).
 
-    ``lake=DIR`` attaches a Parquet lake instead: an in-memory warehouse whose tables
-    are views over the lake's committed shards (and the database at ``path``, read-only,
-    if it exists); see :func:`dpledger.warehouse.lake.connect_lake`.
+    ``lake=DIR`` names the lake explicitly (read-only or not). A database another process
+    holds is waited for up to ``wait`` seconds (default ``$DPLEDGER_WAIT`` or 60 s), then
+    refused with one line.
     """
-    if lake is not None:
-        existing = resolve_db_path(path)
-        return connect_lake(lake, existing if existing.exists() else None)
     db_path = resolve_db_path(path)
+    if wait is None:
+        wait = wait_seconds()
+    if lake is None and read_only and has_runs(default_lake(db_path)):
+        lake = default_lake(db_path)
+    if lake is not None:
+        existing = db_path if db_path.exists() else None
+        return connect_lake(lake, existing, read_only=read_only, allow_files=external_access, wait=wait)
     if read_only and not db_path.exists():
         raise UserError(f"no dpledger database at {db_path} (create it with `dpledger init` or dpledger.init())")
     if not read_only and not db_path.parent.exists():
         raise UserError(f"cannot create database {db_path}: folder {db_path.parent} does not exist")
-    if wait is None:
-        wait = 0.0 if read_only else wait_seconds()
     con = open_connection(db_path, read_only, dict(config or {}), wait=wait)
     try:
         # settings, not connect-time config: DuckDB refuses a second connection to a file

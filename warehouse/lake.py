@@ -23,9 +23,9 @@ from pathlib import Path
 
 import duckdb
 
-from .connection import open_connection
+from .connection import open_connection, retry_in_use
 from .errors import UserError
-from .schema import upgrade
+from .schema import latest_version, upgrade
 
 FACT_COLUMNS = {
     "point_steps": ["run_id", "step", "point_id", "grad_norm", "norm_clipped", "loss", "sampled"],
@@ -43,8 +43,48 @@ RUN_COLUMNS = ["run_id", "dataset", "model", "seed", "n_train", "sample_rate", "
                "run_dir", "committed_step"]
 
 
+def run_file(run_dir: Path, rel, named_in: str | os.PathLike) -> Path:
+    """``run_dir / rel``, a file of a run's folder in the lake that ``named_in`` (a manifest, or
+    the run folder itself) names; refused with one line unless it is a relative path that
+    stays, symlinks resolved, inside the run's own folder, itself a folder of the lake (not a
+    link out of it). The one rule for every file a reader or a merge takes from a lake."""
+    run_dir = Path(run_dir)
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        raise UserError(f"{named_in}: file {rel!r} is not a path inside the run folder {run_dir}; refused")
+    try:
+        root = run_dir.resolve()
+        lake = run_dir.parent.resolve()
+        resolved = (run_dir / rel).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise UserError(f"{named_in}: file {rel!r} cannot be resolved ({exc}); refused") from None
+    if root.parent != lake:
+        raise UserError(f"{run_dir}: the run folder leads out of the lake {run_dir.parent} (to {root}); refused")
+    if resolved == root or not resolved.is_relative_to(root):
+        raise UserError(f"{named_in}: file {rel!r} leads out of the run folder {run_dir} (to {resolved}); refused")
+    return run_dir / rel
+
+
+def listed_files(run_dir: Path, manifest, manifest_path: str | os.PathLike) -> list[tuple[str, Path, object]]:
+    """(table, path, rows) of every file ``manifest`` (read from ``manifest_path``) lists, in
+    order; each path checked by :func:`run_file`, a malformed entry refused with one line."""
+    shards = manifest.get("shards", []) if isinstance(manifest, dict) else None
+    if not isinstance(shards, list):
+        raise UserError(f"{manifest_path}: not a manifest (no list of shards)")
+    out = []
+    for i, shard in enumerate(shards):
+        files = shard.get("files", {}) if isinstance(shard, dict) else None
+        if not isinstance(files, dict):
+            raise UserError(f"{manifest_path}: shard {i} has no table of files")
+        for table, info in files.items():
+            if not isinstance(info, dict):
+                raise UserError(f"{manifest_path}: shard {i}, table {table!r}: not a file entry")
+            out.append((table, run_file(run_dir, info.get("path"), manifest_path), info.get("rows")))
+    return out
+
+
 def lake_runs(lake: str | os.PathLike) -> list[dict]:
-    """Each committed run of the lake: its run.json, manifest and committed files."""
+    """Each committed run of the lake: its run.json, manifest and committed files (each file
+    checked by :func:`run_file`: nothing outside the run's own folder is read)."""
     lake = Path(lake)
     if not lake.is_dir():
         raise UserError(f"{lake}: no such lake folder")
@@ -52,19 +92,19 @@ def lake_runs(lake: str | os.PathLike) -> list[dict]:
     for d in sorted(p for p in lake.iterdir() if p.is_dir() and p.name.startswith("run_id=")):
         if not (d / "manifest.json").exists() or not (d / "run.json").exists():
             continue
+        manifest_path, run_path = run_file(d, "manifest.json", d), run_file(d, "run.json", d)
         try:
-            manifest = json.loads((d / "manifest.json").read_text())
-            run = json.loads((d / "run.json").read_text())
+            manifest = json.loads(manifest_path.read_text())
+            run = json.loads(run_path.read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"{d}: unreadable run.json or manifest.json ({exc})") from None
         files: dict[str, list[str]] = {t: [] for t in FACT_COLUMNS}
-        for shard in manifest.get("shards", []):
-            for table, info in shard.get("files", {}).items():
-                if table in files:
-                    files[table].append(str(d / info["path"]))
+        for table, path, _ in listed_files(d, manifest, manifest_path):
+            if table in files:
+                files[table].append(str(path))
         for table in RUN_FILES:
             if (d / f"{table}.parquet").exists():
-                files[table] = [str(d / f"{table}.parquet")]
+                files[table] = [str(run_file(d, f"{table}.parquet", d))]
         runs.append({"dir": d, "run": run, "manifest": manifest, "files": files})
     return runs
 
@@ -84,17 +124,25 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
+def has_runs(lake: str | os.PathLike) -> bool:
+    """Whether ``lake`` is a folder holding at least one committed run (a manifest)."""
+    lake = Path(lake)
+    return lake.is_dir() and any(lake.glob("run_id=*/manifest.json"))
+
+
 def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *,
                  memory_limit: str | None = None, temp_directory: str | os.PathLike | None = None,
                  threads: int | None = None, read_only: bool = False,
-                 allow_files: bool = False) -> duckdb.DuckDBPyConnection:
+                 allow_files: bool = False, wait: float = 0.0) -> duckdb.DuckDBPyConnection:
     """An in-memory warehouse whose data tables are views over the lake (see the module doc).
 
     ``read_only=True`` is the reader's connection (``dpledger query --lake``): no
     temporary directory, the configuration locked, and, unless ``allow_files``, file
-    access limited to reading exactly the shard files the views list. (What statements
-    may run is the caller's part: :func:`dpledger.warehouse.query.run_query` runs a
-    single SELECT.)
+    access limited to reading exactly the shard files the views list, and every other
+    table of the database (accountings, point_epsilon, curvature, ...) visible as a view
+    of the attached file. (What statements may run is the caller's part:
+    :func:`dpledger.warehouse.query.run_query` runs a single SELECT.) ``wait``: seconds
+    to wait for a database another process holds.
     """
     runs = lake_runs(lake)
     config = {"temp_directory": ""} if read_only else {}
@@ -111,8 +159,13 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
         if db is not None:
             if not Path(db).exists():
                 raise UserError(f"no dpledger database at {db}")
-            con.execute(f"ATTACH '{str(db).replace(chr(39), chr(39) * 2)}' AS wh (READ_ONLY)")
+            quoted = str(db).replace("'", "''")
+            retry_in_use(lambda: con.execute(f"ATTACH '{quoted}' AS wh (READ_ONLY)"), db, wait)
             attached = True
+            theirs = con.execute("SELECT coalesce(max(version), 0) FROM wh.main.schema_version").fetchall()[0][0]
+            if theirs != latest_version():
+                raise UserError(f"{db} has schema version {theirs} but this dpledger expects {latest_version()}; "
+                                "upgrade it with `dpledger init` or dpledger.init()")
         lake_ids = [r["run"]["run_id"] for r in runs]
         views = {}
         for table, cols in {**FACT_COLUMNS, **RUN_FILES}.items():
@@ -147,6 +200,16 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
                         [row[c] for c in cols] + [json.dumps(r["run"].get("config") or {})])
         if attached:
             con.execute("INSERT INTO runs SELECT * FROM wh.main.runs WHERE run_id NOT IN (SELECT run_id FROM runs)")
+            if read_only:  # the reader sees the database's other tables as they are
+                for (table,) in con.execute(
+                        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                        "AND schema_name = 'main' AND table_name NOT IN (SELECT unnest(?)) ORDER BY 1",
+                        [["runs", *views]]).fetchall():
+                    cols = ", ".join(r[0] for r in con.execute(
+                        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+                        "AND schema_name = 'main' AND table_name = ? ORDER BY column_index", [table]).fetchall())
+                    con.execute(f"DROP TABLE main.{table}")
+                    con.execute(f"CREATE VIEW main.{table} AS SELECT {cols} FROM wh.main.{table}")
         con.execute("UPDATE runs SET config_key = run_config_key(dataset, model, sample_rate, noise_multiplier, "
                     "max_grad_norm, steps)")
         con.execute("COMMIT")

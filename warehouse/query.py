@@ -10,9 +10,8 @@ import socket
 import duckdb
 import pyarrow as pa
 
-from .db import connect, resolve_db_path
+from .db import connect
 from .errors import UserError
-from .lake import connect_lake
 
 def run_query(
     sql: str,
@@ -27,14 +26,11 @@ def run_query(
     (no ATTACH, COPY, EXPORT, SET, PRAGMA, CREATE, INSTALL/LOAD, ...); the database
     is opened in DuckDB's read-only mode with no temporary directory and the
     configuration locked; reading other files is refused unless ``allow_files``.
-    With ``lake`` the tables are views over the lake's committed shards (plus the
-    database, read-only, if it exists), and only those shard files are readable.
+    Like every read, it sees the database and the committed shards of the project's lake
+    not merged yet (see :func:`dpledger.warehouse.db.connect`); ``lake`` names another lake.
     """
-    if lake is not None:
-        db_path = resolve_db_path(path)
-        con = connect_lake(lake, db_path if db_path.exists() else None, read_only=True, allow_files=allow_files)
-    else:
-        con = connect(path, read_only=True, external_access=allow_files)
+    con = connect(path, read_only=True, external_access=allow_files, lake=lake)
+    if not con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
         con.execute("SET lock_configuration = true")
     try:
         single_select(con, sql)

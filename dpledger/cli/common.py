@@ -123,23 +123,25 @@ def progress(description: str, unit: str, *, disable: bool = False, info: bool =
              remaining: bool = False) -> Iterator[Callable[..., None]]:
     """Progress on stderr; yields ``update(completed=, total=, description=, info=)``.
 
-    On a terminal: a transient bar. In a pipe or a log file: one line per phase (each new
-    description), so a long silent phase still says what it is doing. ``disable`` (e.g.
-    under ``--json``): nothing.
+    On a terminal: a transient bar. In a pipe or a log file: one line per phase, printed
+    when the phase starts working (a new description, or the first step of the first one),
+    so a long silent phase still says what it is doing and an early error stays one line.
+    ``disable`` (e.g. under ``--json``): nothing.
     """
     from rich.console import Console
 
     console = Console(stderr=True)
     if disable or not console.is_terminal:
-        said = [None]
+        state = {"pending": description, "said": None}
 
         def say(**fields) -> None:
-            text = fields.get("description")
-            if not disable and text and text != said[0]:
-                said[0] = text
+            if disable:
+                return
+            text = fields.get("description") or state["pending"]
+            if text and text != state["said"]:
+                state["said"], state["pending"] = text, None
                 err(f"{text}...")
 
-        say(description=description)
         yield say
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
