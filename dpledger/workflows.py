@@ -28,9 +28,24 @@ def train(cfg: TrainConfig, db=None, *, resume: bool = False,
     db_path = resolve_db_path(db)
     sink = DuckDBSink(db_path)
     try:
-        return train_with_sink(cfg, sink, resume=resume, db_dir=db_path.resolve().parent, on_progress=on_progress)
+        summary = train_with_sink(cfg, sink, resume=resume, db_dir=db_path.resolve().parent, on_progress=on_progress)
     finally:
         sink.close()
+    return {**summary, **run_epsilon(db_path, summary["run_id"])}
+
+
+def run_epsilon(db, run_id: str) -> dict:
+    """The run's data-independent ε (every example at the clipping norm, every step), as stored
+    parameters give it: ``{"epsilon", "epsilon_order", "delta", "private"}`` (ε None for a
+    non-private run)."""
+    con = connect(db, read_only=True)
+    try:
+        row = con.execute("SELECT r.private, r.delta, e.epsilon, e.best_order FROM runs r "
+                          "JOIN run_epsilon e USING (run_id) WHERE run_id = ?", [run_id]).fetchall()
+    finally:
+        con.close()
+    private, delta, eps, order = row[0] if row else (None, None, None, None)
+    return {"private": private, "delta": delta, "epsilon": eps, "epsilon_order": order}
 
 
 def sweep(config: str | Path | list[TrainConfig], db=None, *, lake: str | Path | None = None,

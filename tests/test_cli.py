@@ -117,3 +117,24 @@ def test_runs_lists_the_run_epsilon_and_the_covered_share(gla_db, cli):
     assert run["covered"] == 1.0  # norms recorded from step 0
     table = cli("runs", "--db", gla_db).out
     assert "epsilon" in table and "covered" in table
+
+
+def test_train_says_the_run_epsilon_and_the_calibrated_sigma(db, cli):
+    from opacus.accountants import RDPAccountant
+
+    from dpledger.analysis.rdp import DEFAULT_ORDERS
+
+    small = ["--dataset", "digits", "--model", "logreg", "--n-train", "60", "--batch-size", "20", "--epochs", "2",
+             "--track", "3"]
+    r = cli("train", *small, "--target-epsilon", "3", "--db", db, "--json")
+    assert r.rc == 0, r
+    s = r.json()
+    acc = RDPAccountant()
+    acc.history = [(s["noise_multiplier"], s["sample_rate"], s["steps"])]
+    assert s["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5, alphas=list(DEFAULT_ORDERS)), rel=1e-9)
+    assert s["epsilon"] <= 3 and s["delta"] == 1e-5 and s["steps"] == 6  # floor(2 / (20/60))
+    r = cli("train", *small, "--target-epsilon", "3", "--run", "again", "--db", db)
+    assert f"data-independent epsilon of the run: {s['epsilon']:.4g} at delta 1e-05" in r.out
+    assert f"noise multiplier {s['noise_multiplier']:.6g} calibrated for target epsilon 3" in r.out
+    r = cli("train", *small, "--disable-dp", "--db", db)
+    assert r.rc == 0 and "not private" in r.out and "data-independent epsilon" not in r.out

@@ -81,6 +81,14 @@ def train(
     acc = f", test accuracy {summary['test_accuracy']:.3f}" if summary.get("test_accuracy") is not None else ""
     print(f"{summary['run_id']}: {summary['status']} after {summary['steps']} steps "
           f"({summary['rows']} point-step rows{', resumed at step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}{acc})")
+    if summary.get("epsilon") is not None:
+        calibrated = (f"; noise multiplier {summary['noise_multiplier']:.6g} calibrated for target epsilon "
+                      f"{target_epsilon:g}" if target_epsilon is not None else "")
+        print(f"data-independent epsilon of the run: {summary['epsilon']:.4g} at delta {summary['delta']:g} "
+              f"(q = {summary['sample_rate']:.4g}, noise multiplier {summary['noise_multiplier']:.4g}, "
+              f"{summary['steps']} steps){calibrated}")
+    elif summary.get("private") is False:
+        print("not private (--disable-dp): no epsilon")
 
 
 @app.command()
