@@ -133,7 +133,7 @@ DEFAULT_R_MIN = 1e-3
 _BATCH_ELEMS = 1 << 22
 _MIN_FFT = 1 << 8
 # Chernoff orders, in units of 1/loss, both signs
-_T_LOSS = np.geomspace(1e-2, 1e6, 33)
+_T_LOSS = np.geomspace(1e-2, 1e6, 17)
 #: The loss grids of a table: h / m for m in these divisors (levels 0, 1, …). Every level is
 #: a multiple of h / 10 = 1e-4 (dp_accounting's default) by default, so each level's grid
 #: contains the coarser ones' points and a coarser Connect-the-Dots PMF dominates a finer.
@@ -361,12 +361,7 @@ class PldTable:
         if got is None:
             c = connect_dots_pmf(self.sample_rate, self.noise_multiplier, float(self.grid[j]), direction,
                                  self.interval(level), self.log_mass_truncation_bound)
-            orders = self.orders(level)
-            with np.errstate(divide="ignore"):
-                logp = np.log(c.probs)
-            k = np.arange(c.probs.size, dtype=np.float64)
-            cgf = np.array([t * c.lo + special.logsumexp(logp + t * k) for t in orders])
-            got = self._cells[key] = (c, cgf)
+            got = self._cells[key] = (c, _cgf(c, self.orders(level)))
         return got
 
     def arrays(self, direction: str, level: int, cells: np.ndarray):
@@ -391,6 +386,18 @@ class PldTable:
             re[row] = np.log(np.maximum(np.abs(z), 1e-300))
             im[row] = np.angle(z)
         return re, im
+
+
+def _cgf(c: CellPmf, orders: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """log Σ_k p_k e^{t (lo + k)} at each order t (a running log-sum-exp over chunks of the support)."""
+    out = np.full(orders.size, -np.inf)
+    nz = np.flatnonzero(c.probs > 0)
+    for a in range(0, nz.size, chunk):
+        k = nz[a:a + chunk]
+        e = np.log(c.probs[k])[None, :] + orders[:, None] * k[None, :].astype(np.float64)
+        m = e.max(axis=1)
+        out = np.logaddexp(out, m + np.log(np.exp(e - m[:, None]).sum(axis=1)))
+    return out + orders * c.lo
 
 
 def pld_table(sample_rate: float, noise_multiplier: float, grid=None,

@@ -94,7 +94,7 @@ def test_hockey_stick_matches_mechanism():
 @pytest.mark.parametrize("q", [0.001, 0.01, 0.1])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 4.0])
 def test_data_independent_is_dp_accountings(q, sigma):
-    steps_list = [1, 300] + ([5000] if (q, sigma) in {(0.01, 1.0), (0.001, 4.0), (0.1, 4.0)} else [])
+    steps_list = ([20] if sigma < 1 else [1, 300]) + ([5000] if (q, sigma) in {(0.01, 1.0), (0.001, 4.0), (0.1, 4.0)} else [])
     for steps in steps_list:
         ref = pldlib.from_gaussian_mechanism(sigma, sampling_prob=q).self_compose(steps).get_epsilon_for_delta(DELTA)
         mine = pld.data_independent_epsilon_pld(q, sigma, steps, DELTA, value_discretization_interval=REF_H,
@@ -140,9 +140,9 @@ def test_point_at_clip_gets_data_independent_epsilon():
 
 # (q, σ, steps) and a coarse grid so the reference composes few distinct PLDs
 CASES = [
-    (0.001, 0.5, 5000), (0.001, 1.0, 300), (0.001, 4.0, 1000),
-    (0.01, 0.5, 200), (0.01, 1.0, 5000), (0.01, 4.0, 300),
-    (0.1, 0.5, 20), (0.1, 1.0, 300), (0.1, 4.0, 5000),
+    (0.001, 0.5, 2000), (0.001, 4.0, 1000),
+    (0.01, 0.5, 30), (0.01, 1.0, 5000), (0.01, 4.0, 300),
+    (0.1, 1.0, 100), (0.1, 4.0, 5000),
 ]
 KINDS = ["at_clip", "tiny", "mixture", "heavy_tail", "many_zeros"]
 COARSE = pld.geometric_grid(ratio=1.6, r_min=1e-3)  # 16 cells
@@ -151,7 +151,8 @@ COARSE = pld.geometric_grid(ratio=1.6, r_min=1e-3)  # 16 cells
 @pytest.mark.parametrize("q,sigma,steps", CASES)
 def test_per_example_against_reference_on_the_rounded_r(q, sigma, steps):
     rng = np.random.default_rng(int(q * 1000) + int(sigma * 10) + steps)
-    kinds = KINDS if steps <= 300 else KINDS[1:4]  # the all-at-clip shape is tested above at 5,000 steps
+    # the all-at-clip shape is tested above at 5,000 steps; σ = 0.5 (long PMFs) is slow in the reference
+    kinds = KINDS[1:3] if sigma < 1 else KINDS if steps <= 300 else KINDS[1:4]
     ratios = np.concatenate([norm_sets(k, 1, steps, rng) for k in kinds])
     single = np.zeros((1, steps))
     single[0, 0] = 1.0  # one step at the clip, all others free
@@ -191,10 +192,10 @@ def test_grid_effect_against_reference_on_raw_r():
 # ------------------------------------------------------------------ PLD ≤ RDP
 
 
-@pytest.mark.parametrize("q,sigma,steps", [(0.01, 1.0, 1000), (0.001, 0.5, 3000), (0.1, 4.0, 500)])
+@pytest.mark.parametrize("q,sigma,steps", [(0.01, 1.0, 1000), (0.001, 0.5, 1000), (0.1, 4.0, 500)])
 def test_pld_below_rdp_for_every_point(q, sigma, steps):
     rng = np.random.default_rng(7)
-    ratios = np.concatenate([norm_sets(k, 4, steps, rng) for k in KINDS])
+    ratios = np.concatenate([norm_sets(k, 2, steps, rng) for k in KINDS])
     n = ratios.shape[0]
     idx = np.repeat(np.arange(n), steps)
     eps_pld = pld.per_example_epsilon_pld(hist_of(ratios, pld.geometric_grid()), q, sigma, DELTA)
