@@ -53,6 +53,9 @@ __all__ = [
     "rank_correlation_matrix",
     "rank_stability",
     "scatter_vs",
+    "binned_median",
+    "cost_spread",
+    "histogram",
     "spearman",
     "thin_series",
     "sample_rows",
@@ -216,6 +219,16 @@ def thumbnail_url(thumbnail) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+def _natural_order(values) -> list[str]:
+    """Distinct values as strings, numbers in numeric order (``2 < 11 < 1084``), then the rest as text."""
+    def key(v: str):
+        try:
+            return (0, float(v), v)
+        except ValueError:
+            return (1, 0.0, v)
+    return sorted({str(v) for v in values}, key=key)
+
+
 def _title(text: str, subtitle: str | list[str] | None = None) -> alt.TitleParams:
     if subtitle:
         return alt.TitleParams(text=text, subtitle=subtitle, anchor="start")
@@ -269,7 +282,7 @@ def epsilon_distribution(df: pd.DataFrame, run_epsilon: float | None, rule: str 
         .encode(
             x=alt.X("epsilon:Q", bin="binned", title=f"per-example {_EPS}", scale=alt.Scale(domain=domain, zero=False, nice=False)),
             x2=alt.X2("epsilon_end:Q"),
-            y=alt.Y("count:Q", title="number of points"),
+            y=alt.Y("count:Q", title="number of points", axis=alt.Axis(tickMinStep=1, format="d")),
             tooltip=[
                 alt.Tooltip("epsilon:Q", title=f"{_EPS} from", format=".4g"),
                 alt.Tooltip("epsilon_end:Q", title=f"{_EPS} to", format=".4g"),
@@ -344,7 +357,8 @@ def cost_curves(df: pd.DataFrame, k: int, cost_title: str = "cumulative privacy 
         .encode(
             x=alt.X("step:Q", title="training step"),
             y=alt.Y("cumulative_cost:Q", title=cost_title),
-            color=alt.Color("point_id:N", title="point", scale=alt.Scale(scheme="tableau10" if d["point_id"].nunique() <= 10 else "tableau20")),
+            color=alt.Color("point_id:N", title="point", sort=_natural_order(d["point_id"]),
+                            scale=alt.Scale(scheme="tableau10" if d["point_id"].nunique() <= 10 else "tableau20")),
             strokeDash=alt.StrokeDash("kind:N", title="curve", scale=alt.Scale(domain=kinds, range=dashes[: len(kinds)])),
             detail=alt.Detail("kind:N"),
             tooltip=[
@@ -362,17 +376,124 @@ def cost_curves(df: pd.DataFrame, k: int, cost_title: str = "cumulative privacy 
     ).properties(title=_title(title, subtitle))
 
 
+#: Greys of the quantile bands of :func:`cost_spread`, outermost first.
+_BAND_FILLS = ["#e3e3e3", "#c4c4c4", "#a3a3a3", "#828282"]
+#: Colours of the few labelled points of :func:`cost_spread` (distinct from the grey bands and from each other).
+_POINT_COLOURS = ["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#1f77b4", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _pct(q: float) -> str:
+    return f"{100 * float(q):g}%"
+
+
+def cost_spread(bands: pd.DataFrame | None, curves: pd.DataFrame | None = None,
+                cost_title: str = "cumulative privacy cost", note: str | None = None) -> alt.LayerChart | alt.Chart:
+    """Cumulative privacy cost over training of *all* points as quantile bands, a few labelled points on top.
+
+    Shows how the whole training set spends its budget: at each step the grey bands
+    span the given quantiles of the points' cumulative cost (outer pair lightest: e.g.
+    5-95%, then 25-75%), a dark dashed line is the median; coloured lines are a few
+    named points (e.g. the cheapest, the median and the dearest point), solid where
+    recorded and dashed for approximation fits (``kind`` other than "recorded").
+    bands: ``step, quantile, cumulative_cost`` (quantiles in [0, 1]; a quantile and
+    its mirror 1 - q make a band, 0.5 the median line). curves: ``point_id, step,
+    cumulative_cost, kind`` and optionally ``label`` (legend text; default "point
+    <id>"); the legend lists the points by final recorded cost, dearest first.
+    ``note``: one more subtitle line (e.g. how many points the bands cover).
+    """
+    title = f"Cumulative {_EPS} over training: the spread over all points"
+    if _is_empty(bands) and _is_empty(curves):
+        return no_data_chart(title)
+    layers = []
+    subtitle = []
+    if not _is_empty(bands):
+        b = _columns(bands, ["step", "quantile", "cumulative_cost"], "cost_spread")
+        b["cumulative_cost"] = pd.to_numeric(b["cumulative_cost"], errors="coerce").astype(np.float64)
+        b["quantile"] = pd.to_numeric(b["quantile"], errors="coerce").astype(np.float64).round(6)
+        b = b[np.isfinite(b["cumulative_cost"]) & np.isfinite(b["quantile"])]
+        wide = b.pivot_table(index="step", columns="quantile", values="cumulative_cost", aggfunc="mean").sort_index()
+        qs = sorted(wide.columns)
+        pairs = [(lo, hi) for lo in qs for hi in qs if lo < 0.5 and abs(hi - (1 - lo)) < 1e-9]
+        pairs.sort(key=lambda p: p[0])  # outermost first
+        names = [f"{_pct(lo)}–{_pct(hi)} of points" for lo, hi in pairs]
+        if pairs:
+            rows = pd.concat([pd.DataFrame({"step": wide.index, "lo": wide[lo].to_numpy(), "hi": wide[hi].to_numpy(),
+                                            "band": name}) for (lo, hi), name in zip(pairs, names)], ignore_index=True)
+            layers.append(
+                alt.Chart(rows).mark_area(opacity=0.9, interpolate="monotone").encode(
+                    x=alt.X("step:Q", title="training step"),
+                    y=alt.Y("lo:Q", title=cost_title),
+                    y2=alt.Y2("hi:Q"),
+                    fill=alt.Fill("band:N", title="spread", sort=names,
+                                  scale=alt.Scale(domain=names, range=(_BAND_FILLS * len(names))[: len(names)])),
+                    tooltip=[alt.Tooltip("band:N"), alt.Tooltip("step:Q"),
+                             alt.Tooltip("lo:Q", title="from", format=".4g"), alt.Tooltip("hi:Q", title="to", format=".4g")],
+                )
+            )
+            subtitle.append("grey bands: " + ", ".join(f"{_pct(lo)} to {_pct(hi)}" for lo, hi in pairs)
+                            + " of the points' cumulative cost at each step")
+        if any(abs(q - 0.5) < 1e-9 for q in qs):
+            med = pd.DataFrame({"step": wide.index, "median": wide[[q for q in qs if abs(q - 0.5) < 1e-9][0]].to_numpy()})
+            layers.append(
+                alt.Chart(med).mark_line(color="#404040", strokeDash=[4, 3], strokeWidth=1.5).encode(
+                    x=alt.X("step:Q", title="training step"), y=alt.Y("median:Q", title=cost_title),
+                    tooltip=[alt.Tooltip("step:Q"), alt.Tooltip("median:Q", title="median over points", format=".4g")],
+                )
+            )
+            subtitle.append("dark dashed line: the median point at each step")
+    if not _is_empty(curves):
+        d = _columns(curves, ["point_id", "step", "cumulative_cost", "kind"], "cost_spread", text=["point_id", "kind"])
+        d["label"] = curves["label"].astype(str).to_numpy() if "label" in curves.columns else "point " + d["point_id"]
+        d["cumulative_cost"] = pd.to_numeric(d["cumulative_cost"], errors="coerce").astype(np.float64)
+        d = d[np.isfinite(d["cumulative_cost"])]
+        if not d.empty:
+            ref = d[d["kind"] == "recorded"] if (d["kind"] == "recorded").any() else d
+            final = ref.sort_values("step", kind="stable").groupby("label")["cumulative_cost"].last()
+            labels = final.sort_values(ascending=False, kind="stable").index.tolist()
+            labels += sorted(set(d["label"]) - set(labels))
+            d = thin_series(d, ["label", "kind"], "step")
+            kinds = ["recorded"] + sorted(set(d["kind"]) - {"recorded"})
+            dashes = ([[1, 0]] + [[6, 4], [2, 2], [8, 3, 2, 3], [1, 3]] * len(kinds))[: len(kinds)]
+            layers.append(
+                alt.Chart(d).mark_line(strokeWidth=2.2).encode(
+                    x=alt.X("step:Q", title="training step"),
+                    y=alt.Y("cumulative_cost:Q", title=cost_title),
+                    stroke=alt.Stroke("label:N", title="points", sort=labels,
+                                      scale=alt.Scale(domain=labels, range=(_POINT_COLOURS * len(labels))[: len(labels)]),
+                                      legend=alt.Legend(symbolType="stroke", labelLimit=320)),
+                    strokeDash=alt.StrokeDash("kind:N", title="curve", sort=kinds,
+                                              scale=alt.Scale(domain=kinds, range=dashes),
+                                              legend=alt.Legend(symbolType="stroke", symbolStrokeColor="#333333")
+                                              if len(kinds) > 1 else None),
+                    detail=alt.Detail("kind:N"),
+                    tooltip=[alt.Tooltip("label:N", title="point"), alt.Tooltip("kind:N", title="curve"),
+                             alt.Tooltip("step:Q"), alt.Tooltip("cumulative_cost:Q", title=cost_title, format=".4g")],
+                )
+            )
+            fits = [k for k in kinds if k != "recorded"]
+            subtitle.append(f"coloured lines: {len(labels)} single points, named in the legend (dearest first)"
+                            + (f"; solid: recorded, dashed: fits ({', '.join(fits)})" if fits else ""))
+    if not layers:
+        return no_data_chart(title, "no finite costs")
+    if note:
+        subtitle.append(note)
+    return alt.layer(*layers).properties(title=_title(title, subtitle), width=WIDTH, height=HEIGHT)
+
+
 # --------------------------------------------------------------------------- 3. gallery
 
-_CELL_W, _CELL_H, _IMG = 68, 86, 48
+_CELL_W, _CELL_H, _IMG = 84, 100, 48
 
 
-def gallery(df: pd.DataFrame, columns: int = 10, max_images: int = 100) -> alt.VConcatChart | alt.Chart:
-    """A grid of the points' images with label, ε and rank under each: what the cheapest and dearest points look like.
+def gallery(df: pd.DataFrame, columns: int = 10, max_images: int = 100,
+            notes: dict[str, str] | None = None) -> alt.VConcatChart | alt.Chart:
+    """A grid of the points' images with point id, label, ε and rank under each: what the cheapest and dearest points look like.
 
     One block per group ("lowest" first, then "highest"), ``columns`` images a row;
     the "lowest" block is ordered by ε ascending, the others by ε descending (the
-    dearest first). Images are embedded as ``data:image/png;base64,...`` URLs (Altair
+    dearest first), then by rank ascending; within equal ε and rank (ties) the
+    frame's own row order is kept, so the caller decides and states the second key.
+    ``notes``: a line under a group's heading (e.g. how its ties were broken). Images are embedded as ``data:image/png;base64,...`` URLs (Altair
     image marks), so the chart needs no file next to it; a point without a thumbnail
     gets a "no image" placeholder. At most ``max_images`` points a group are drawn.
     df: ``point_id, label, epsilon, rank, group, thumbnail`` (thumbnail: PNG bytes or None).
@@ -392,7 +513,8 @@ def gallery(df: pd.DataFrame, columns: int = 10, max_images: int = 100) -> alt.V
 
     blocks = []
     for group in groups:
-        g = d[d["group"] == group].sort_values(["epsilon", "rank"], ascending=(group == "lowest"), kind="stable", na_position="last")
+        g = d[d["group"] == group].sort_values(["epsilon", "rank"], ascending=[group == "lowest", True], kind="stable",
+                                               na_position="last")
         g = g.head(max(1, int(max_images))).reset_index(drop=True)
         i = np.arange(len(g))
         col, row = i % columns, i // columns
@@ -401,7 +523,8 @@ def gallery(df: pd.DataFrame, columns: int = 10, max_images: int = 100) -> alt.V
         g["y0"], g["y1"] = row * _CELL_H + 2, (row + 1) * _CELL_H - 2
         g["y_img"] = row * _CELL_H + 5
         g["y_text"] = row * _CELL_H + 5 + _IMG + 3
-        g["caption"] = [f"{lab}\n{_EPS}={_fmt(e, '.3g')} #{r}" for lab, e, r in zip(g["label"], g["epsilon"], g["rank"])]
+        g["caption"] = [f"point {pid}\nlabel {lab}\n{_EPS} {_fmt(e, '.4g')} · #{_fmt(r, 'g')}"
+                        for pid, lab, e, r in zip(g["point_id"], g["label"], g["epsilon"], g["rank"])]
         g["missing"] = g["url"].isna()
         nrows = int(row.max()) + 1
         tooltip = [
@@ -432,13 +555,14 @@ def gallery(df: pd.DataFrame, columns: int = 10, max_images: int = 100) -> alt.V
         what = {"lowest": f"lowest {_EPS} (cheapest first)", "highest": f"highest {_EPS} (dearest first)"}.get(group, f"group {group}")
         blocks.append(
             alt.layer(frame, images, placeholder, captions).properties(
-                title=alt.TitleParams(f"{what}: {len(g)} points", anchor="start", fontSize=12),
+                title=alt.TitleParams(f"{what}: {len(g)} points", anchor="start", fontSize=12,
+                                      **({"subtitle": notes[group], "subtitleFontSize": 11} if notes and notes.get(group) else {})),
                 width=columns * _CELL_W,
                 height=nrows * _CELL_H,
             )
         )
     return alt.vconcat(*blocks, spacing=18).properties(
-        title=_title(title, f"under each image: label, then per-example {_EPS} and rank (#)")
+        title=_title(title, f"under each image: point id, label, per-example {_EPS} and rank (#; tied points share a rank)")
     )
 
 
@@ -597,18 +721,44 @@ def rank_correlation_matrix(df: pd.DataFrame) -> alt.LayerChart | alt.Chart:
 # --------------------------------------------------------------------------- 7. scatter
 
 
-def scatter_vs(df: pd.DataFrame, other: str, log_x: bool = False, bandwidth: float = 0.3) -> alt.LayerChart | alt.Chart:
+def binned_median(x, y, bins: int = 20, min_per_bin: int = 8) -> pd.DataFrame:
+    """The trend of y over x as medians in equal-count bins of x: ``x, median, q1, q3, count`` per bin.
+
+    Each bin holds about ``len(x) / bins`` points (fewer bins when that would leave
+    fewer than ``min_per_bin`` a bin; none below ``2 * min_per_bin`` points); its x is
+    the median x of the bin. So the trend lies within the data in both x and y: it never
+    leaves the points' x range, and its y is a median of observed values (a loess line
+    can overshoot where points are sparse). Empty frame when there is too little data.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n_bins = min(int(bins), len(x) // max(1, int(min_per_bin)))
+    if n_bins < 2 or np.unique(x).size < 2:
+        return pd.DataFrame(columns=["x", "median", "q1", "q3", "count"])
+    order = np.argsort(x, kind="stable")
+    parts = np.array_split(order, n_bins)
+    rows = [(float(np.median(x[i])), float(np.median(y[i])), float(np.quantile(y[i], 0.25)),
+             float(np.quantile(y[i], 0.75)), int(len(i))) for i in parts if len(i)]
+    return pd.DataFrame(rows, columns=["x", "median", "q1", "q3", "count"])
+
+
+def scatter_vs(df: pd.DataFrame, other: str, log_x: bool = False, bins: int = 20,
+               x_title: str | None = None) -> alt.LayerChart | alt.Chart:
     """Per-example ε (y) against another per-point quantity (x), e.g. input-loss curvature or memorization.
 
     Tests the "why": points of high curvature / high memorization are expected to pay
-    more privacy. A loess line (Vega-Lite ``loess``, ``bandwidth``) shows the trend
-    and the title gives Spearman's ρ over all points. ``log_x`` puts x on a log scale
-    (the loess is then fitted on log10 x; non-positive x are left out).
-    df: ``point_id, epsilon, <other>``. Above ``MAX_ROWS`` rows a fixed-seed random
-    sample is drawn (and the loess fitted on it); ρ always uses every row.
+    more privacy. The trend is :func:`binned_median` over all points (a line through
+    the median ε of ``bins`` equal-count bins of x, with a band over their interquartile
+    range), drawn only over the data's range; the title gives Spearman's ρ over all
+    points. ``log_x`` puts x on a log scale (non-positive x are left out). ``x_title``:
+    the axis title (default ``other``). df: ``point_id, epsilon, <other>``. Above
+    ``MAX_ROWS`` rows a fixed-seed random sample is drawn; ρ and the trend use every row.
     """
+    name = x_title or other
     if _is_empty(df):
-        return no_data_chart(f"Per-example {_EPS} vs {other}")
+        return no_data_chart(f"Per-example {_EPS} vs {name}")
     _require(df, ["point_id", "epsilon", other], "scatter_vs")
     d = pd.DataFrame({
         "point_id": df["point_id"].astype(str),
@@ -619,38 +769,40 @@ def scatter_vs(df: pd.DataFrame, other: str, log_x: bool = False, bandwidth: flo
     if log_x:
         d = d[d[other] > 0]
     if d.empty:
-        return no_data_chart(f"Per-example {_EPS} vs {other}", "no finite pairs")
+        return no_data_chart(f"Per-example {_EPS} vs {name}", "no finite pairs")
     rho = spearman(d[other], d["epsilon"])
     n = len(d)
-    title = f"Per-example {_EPS} vs {other} (Spearman ρ = {_fmt(rho, '.3f')}, n = {n})"
+    title = f"Per-example {_EPS} vs {name} (Spearman ρ = {_fmt(rho, '.3f')}, n = {n})"
     shown = sample_rows(d).rename(columns={other: "x"})
-    subtitle = ("" if len(shown) == n else f"{len(shown)} of {n} points drawn (random sample, seed {SAMPLE_SEED}); ") + "line: loess fit"
-    xt = other + (" (log scale)" if log_x else "")
+    trend = binned_median(d[other], d["epsilon"], bins)
+    subtitle = ("" if len(shown) == n else f"{len(shown)} of {n} points drawn (random sample, seed {SAMPLE_SEED}); ")
+    if not trend.empty:
+        subtitle += (f"line: median {_EPS} in {len(trend)} bins of about {n // len(trend)} points by {name}, "
+                     "band: their interquartile range")
+    xt = name + (" (log scale)" if log_x else "")
     x_scale = alt.Scale(type="log") if log_x else alt.Scale(zero=False)
-    tooltip = [alt.Tooltip("point_id:N", title="point"), alt.Tooltip("x:Q", title=other, format=".4g"),
+    y_scale = alt.Scale(zero=False)
+    tooltip = [alt.Tooltip("point_id:N", title="point"), alt.Tooltip("x:Q", title=name, format=".4g"),
                alt.Tooltip("epsilon:Q", title=_EPS, format=".4g")]
     base = alt.Chart(shown)
     points = base.mark_circle(size=24, opacity=0.5, color="#4c78a8").encode(
-        x=alt.X("x:Q", title=xt, scale=x_scale), y=alt.Y("epsilon:Q", title=f"per-example {_EPS}", scale=alt.Scale(zero=False)),
+        x=alt.X("x:Q", title=xt, scale=x_scale), y=alt.Y("epsilon:Q", title=f"per-example {_EPS}", scale=y_scale),
         tooltip=tooltip,
     )
     layers = [points]
-    if len(shown) >= 3 and shown["x"].nunique() > 1:
-        if log_x:
-            fit = (
-                base.transform_calculate(lx="log(datum.x) / LN10")
-                .transform_loess("lx", "epsilon", bandwidth=bandwidth)
-                .transform_calculate(x="pow(10, datum.lx)")
-            )
-        else:
-            fit = base.transform_loess("x", "epsilon", bandwidth=bandwidth)
-        layers.append(
-            fit.mark_line(color="#d62728", strokeWidth=2.5).encode(
-                x=alt.X("x:Q", title=xt, scale=x_scale), y=alt.Y("epsilon:Q", title=f"per-example {_EPS}"),
-                tooltip=[alt.Tooltip("x:Q", title=other, format=".4g"), alt.Tooltip("epsilon:Q", title=f"loess {_EPS}", format=".4g")],
-            )
-        )
-    return alt.layer(*layers).properties(title=_title(title, subtitle), width=WIDTH, height=HEIGHT)
+    if not trend.empty:
+        t_tip = [alt.Tooltip("x:Q", title=f"{name} (bin median)", format=".4g"),
+                 alt.Tooltip("median:Q", title=f"median {_EPS}", format=".4g"),
+                 alt.Tooltip("q1:Q", title="25th pct", format=".4g"), alt.Tooltip("q3:Q", title="75th pct", format=".4g"),
+                 alt.Tooltip("count:Q", title="points in bin")]
+        t = alt.Chart(trend)
+        layers.insert(0, t.mark_area(color="#d62728", opacity=0.15).encode(
+            x=alt.X("x:Q", title=xt, scale=x_scale), y=alt.Y("q1:Q", title=f"per-example {_EPS}", scale=y_scale),
+            y2="q3:Q", tooltip=t_tip))
+        layers.append(t.mark_line(color="#d62728", strokeWidth=2.5, point=alt.OverlayMarkDef(color="#d62728", size=20)).encode(
+            x=alt.X("x:Q", title=xt, scale=x_scale), y=alt.Y("median:Q", title=f"per-example {_EPS}", scale=y_scale),
+            tooltip=t_tip))
+    return alt.layer(*layers).properties(title=_title(title, subtitle or None), width=WIDTH, height=HEIGHT)
 
 
 # --------------------------------------------------------------------------- 8. training curves
@@ -663,17 +815,20 @@ _METRICS = {
 }
 
 
-def training_curves(df: pd.DataFrame) -> alt.ConcatChart | alt.Chart:
+def training_curves(df: pd.DataFrame, highlight: str | None = None) -> alt.ConcatChart | alt.Chart:
     """Training loss, test accuracy, wall time and peak memory over steps, one small panel per metric.
 
     The price of privacy in utility and cost: DP-SGD runs (solid) beside non-private
     runs (dashed), one colour per run, so accuracy lost and time/memory spent on
-    per-example gradients are read off directly. Panels appear for the metrics
-    present, in the order loss, test_accuracy, wall_s, peak_mem_bytes, then any other
-    metric; bytes are shown in MiB. df: ``run_id, step, metric, value, private``.
-    Series are thinned above ``MAX_ROWS`` rows (module doc).
+    per-example gradients are read off directly. The title names the comparison only
+    when both kinds are there, and the dash legend appears only then. ``highlight``:
+    a run drawn thick, opaque and on top of the others (thin, faded), first in the
+    legend as "<run> (this report)". Panels appear for the metrics present, in the
+    order loss, test_accuracy, wall_s, peak_mem_bytes, then any other metric; bytes are
+    shown in MiB. df: ``run_id, step, metric, value, private``. Series are thinned above
+    ``MAX_ROWS`` rows (module doc).
     """
-    title = "Training curves: DP-SGD vs non-private runs"
+    title = "Training curves"
     if _is_empty(df):
         return no_data_chart(title)
     d = _columns(df, ["run_id", "step", "metric", "value", "private"], "training_curves", text=["run_id", "metric"])
@@ -687,26 +842,78 @@ def training_curves(df: pd.DataFrame) -> alt.ConcatChart | alt.Chart:
     present = list(dict.fromkeys(d["metric"]))
     metrics = [m for m in _METRICS if m in present] + sorted(m for m in present if m not in _METRICS)
     trainings = [t for t in ("DP-SGD", "non-private", "unknown") if t in set(d["training"])]
-    runs = sorted(set(d["run_id"]))
+    highlight = str(highlight) if highlight is not None and str(highlight) in set(d["run_id"]) else None
+    d["run"] = d["run_id"].where(d["run_id"] != highlight, f"{highlight} (this report)")
+    runs = ([f"{highlight} (this report)"] if highlight else []) + sorted(set(d["run_id"]) - {highlight})
+    if {"DP-SGD", "non-private"} <= set(trainings):
+        title = "Training curves: DP-SGD vs non-private runs"
+    kinds_text = {"DP-SGD": "DP-SGD", "non-private": "non-private", "unknown": "training of unknown kind"}
+    if len(trainings) > 1:
+        subtitle = [f"{kinds_text[t]}: {w}" for t, w in zip(trainings, ("solid", "dashed", "dotted"))]
+        subtitle = ["; ".join(subtitle) + "; one colour per run"]
+    else:
+        subtitle = [f"{len(runs)} {kinds_text[trainings[0]]} run{'s' if len(runs) != 1 else ''}; one colour per run"]
+    if highlight and len(runs) > 1:
+        subtitle.append(f"thick line on top: {highlight}, the run of this report")
+    dash_legend = alt.Legend(symbolType="stroke", symbolStrokeColor="#333333") if len(trainings) > 1 else None
     panels = []
     for m in metrics:
         label, factor = _METRICS.get(m, (m, 1.0))
         g = d[d["metric"] == m].assign(value=lambda x: x["value"] * factor)
         sparse = g.groupby("run_id").size().max() <= 30
-        panels.append(
-            alt.Chart(g)
-            .mark_line(point=bool(sparse), strokeWidth=1.8)
-            .encode(
-                x=alt.X("step:Q", title="training step"),
-                y=alt.Y("value:Q", title=label, scale=alt.Scale(zero=False)),
-                color=alt.Color("run_id:N", title="run", sort=runs, legend=alt.Legend(symbolType="stroke")),
-                strokeDash=alt.StrokeDash("training:N", title="training", sort=trainings, legend=alt.Legend(symbolType="stroke"),
-                                          scale=alt.Scale(domain=trainings, range=[[1, 0], [6, 4], [2, 2]][: len(trainings)])),
-                tooltip=[alt.Tooltip("run_id:N", title="run"), alt.Tooltip("training:N"), alt.Tooltip("step:Q"),
-                         alt.Tooltip("value:Q", title=label, format=".4g")],
-            )
-            .properties(title=label, width=WIDTH // 2 - 40, height=170)
+        enc = dict(
+            x=alt.X("step:Q", title="training step"),
+            y=alt.Y("value:Q", title=label, scale=alt.Scale(zero=False)),
+            color=alt.Color("run:N", title="run", sort=runs, scale=alt.Scale(domain=runs),
+                            legend=alt.Legend(symbolType="stroke", labelLimit=300)),
+            strokeDash=alt.StrokeDash("training:N", title="training", sort=trainings, legend=dash_legend,
+                                      scale=alt.Scale(domain=trainings, range=[[1, 0], [6, 4], [2, 2]][: len(trainings)])),
+            tooltip=[alt.Tooltip("run_id:N", title="run"), alt.Tooltip("training:N"), alt.Tooltip("step:Q"),
+                     alt.Tooltip("value:Q", title=label, format=".4g")],
         )
-    return alt.concat(*panels, columns=2).properties(
-        title=_title(title, "solid: DP-SGD; dashed: non-private; one colour per run")
+        others, mine = g[g["run_id"] != highlight], g[g["run_id"] == highlight]
+        layers = []
+        if not others.empty:
+            faded = highlight is not None
+            layers.append(alt.Chart(others).mark_line(point=bool(sparse), strokeWidth=1.2 if faded else 1.8,
+                                                      opacity=0.45 if faded else 1.0).encode(**enc))
+        if not mine.empty:
+            layers.append(alt.Chart(mine).mark_line(point=bool(sparse), strokeWidth=3.0).encode(**enc))
+        panel = layers[0] if len(layers) == 1 else alt.layer(*layers)
+        panels.append(panel.properties(title=label, width=WIDTH // 2 - 40, height=170))
+    return alt.concat(*panels, columns=2).properties(title=_title(title, subtitle))
+
+
+# --------------------------------------------------------------------------- 9. histogram
+
+
+def histogram(df: pd.DataFrame, column: str, title: str, x_title: str | None = None, bins: int = 40,
+              subtitle: str | None = None) -> alt.Chart:
+    """How many points have each value of ``column`` (e.g. a per-point loss): bars binned in pandas.
+
+    ``bins`` equal-width bins over the finite values (non-finite ones left out and
+    counted in the subtitle), so the spec has ``bins`` rows whatever the input size.
+    """
+    if _is_empty(df):
+        return no_data_chart(title)
+    _require(df, [column], "histogram")
+    v = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+    finite = np.isfinite(v)
+    dropped, v = int((~finite).sum()), v[finite]
+    if v.size == 0:
+        return no_data_chart(title, "no finite values")
+    counts, edges = np.histogram(v, bins=max(1, int(bins)))
+    hist = pd.DataFrame({"start": edges[:-1], "end": edges[1:], "count": counts.astype(np.int64)})
+    lines = [subtitle] if subtitle else []
+    lines.append(f"{v.size} points, median {_fmt(np.median(v))}, max {_fmt(v.max())}"
+                 + (f"; {dropped} non-finite value(s) left out" if dropped else ""))
+    xt = x_title or column
+    return (
+        alt.Chart(hist).mark_bar(color="#4c78a8", binSpacing=1).encode(
+            x=alt.X("start:Q", bin="binned", title=xt, scale=alt.Scale(zero=False)),
+            x2=alt.X2("end:Q"),
+            y=alt.Y("count:Q", title="number of points", axis=alt.Axis(tickMinStep=1, format="d")),
+            tooltip=[alt.Tooltip("start:Q", title="from", format=".4g"), alt.Tooltip("end:Q", title="to", format=".4g"),
+                     alt.Tooltip("count:Q", title="points")],
+        ).properties(title=_title(title, lines), width=WIDTH, height=HEIGHT - 80)
     )

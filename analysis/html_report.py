@@ -38,11 +38,13 @@ __all__ = ["Section", "chart_spec", "chart_to_png", "javascript_bundle", "render
 
 @dataclass
 class Section:
-    """One part of a report: a title, a sentence or two of plain text, and a chart (``None``: text only)."""
+    """One part of a report: a title, a sentence or two of plain text, a chart (``None``: text only), and
+    ``items``: lines shown as a list under the text (e.g. what was left out of the report, and why)."""
 
     title: str
     chart: alt.TopLevelMixin | None
     description: str = ""
+    items: Sequence[str] = ()
 
 
 def _vl_version() -> str | None:
@@ -87,7 +89,7 @@ h2 { font-size: 1.25em; margin: 1.6em 0 .3em; border-bottom: 1px solid #ddd; pad
 table.summary { border-collapse: collapse; margin: .8em 0; }
 table.summary th, table.summary td { border: 1px solid #ddd; padding: .25em .7em; text-align: left; vertical-align: top; }
 table.summary th { background: #f5f5f5; font-weight: 600; }
-ul.notes { color: #444; }
+ul.notes, ul.items { color: #444; }
 p.description { color: #444; margin: .2em 0 .6em; }
 div.chart { margin: .5em 0 1.5em; min-height: 40px; }
 div.chart[data-chart-status="error"], #page-errors { color: #b00020; font-weight: 600; white-space: pre-wrap; }
@@ -161,6 +163,8 @@ def render_html(title: str, summary: Sequence[tuple[str, str]] | Mapping[str, st
         parts.append(f"<h2>{esc(str(section.title))}</h2>")
         if section.description:
             parts.append(f'<p class="description">{esc(str(section.description))}</p>')
+        if section.items:
+            parts.append('<ul class="items">' + "".join(f"<li>{esc(str(i))}</li>" for i in section.items) + "</ul>")
         if section.chart is not None:
             i = len(specs)
             specs.append(chart_spec(section.chart))
@@ -218,8 +222,7 @@ def write_report(path, title: str, summary, sections: Iterable[Section], notes: 
     """
     sections = list(sections)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(title, summary, sections, notes), encoding="utf-8")
+    page = render_html(title, summary, sections, notes)  # before any file is written: a failure leaves none
     pngs: list[Path] = []
     if png_dir is not None:
         png_dir = Path(png_dir)
@@ -236,4 +239,6 @@ def write_report(path, title: str, summary, sections: Iterable[Section], notes: 
             out = png_dir / f"{slug}.png"
             out.write_bytes(chart_to_png(section.chart, scale=png_scale))
             pngs.append(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")  # last: no HTML unless every chart rendered
     return {"html": path, "pngs": pngs}

@@ -301,6 +301,53 @@ def test_thin_series_bound_holds_with_many_series():
     assert C.thin_series(small, ["s"], "step") is small
 
 
+def test_cost_curves_legend_is_sorted_numerically():
+    rows = [(p, s, float(s), "highest", "recorded") for p in (1084, 11, 13, 131, 7) for s in range(3)]
+    spec = C.cost_curves(pd.DataFrame(rows, columns=["point_id", "step", "cumulative_cost", "group", "kind"]), 5).to_dict()
+    assert spec["spec"]["encoding"]["color"]["sort"] == ["7", "11", "13", "131", "1084"]  # was 1084, 11, 13, ...
+
+
+def spread_frames():
+    steps = np.arange(0, 101, 10)
+    qs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    bands = pd.DataFrame([(s, q, s * (0.5 + q)) for q in qs for s in steps], columns=["step", "quantile", "cumulative_cost"])
+    curves = pd.DataFrame([(p, s, s * f, kind, label)
+                           for p, f, label in ((1084, 1.5, "dearest: point 1084"), (11, 1.0, "median: point 11"),
+                                               (13, 0.5, "cheapest: point 13"))
+                           for kind in ("recorded", "pchip") for s in steps],
+                          columns=["point_id", "step", "cumulative_cost", "kind", "label"])
+    return bands, curves
+
+
+def test_cost_spread_bands_of_all_points_and_labelled_points_on_top():
+    bands, curves = spread_frames()
+    spec = C.cost_spread(bands, curves, note="1437 points").to_dict()
+    layers = spec["layer"]
+    assert [mark_type(u) for u in layers] == ["area", "line", "line"]  # bands under, points on top
+    area = pd.DataFrame(rows_of(spec, layers[0]))
+    assert list(dict.fromkeys(area["band"])) == ["5%–95% of points", "25%–75% of points"]  # outer band first
+    outer = area[area["band"] == "5%–95% of points"].set_index("step")
+    assert outer.loc[100, "lo"] == pytest.approx(55) and outer.loc[100, "hi"] == pytest.approx(145)
+    assert layers[0]["encoding"]["fill"]["scale"]["range"][0] != layers[0]["encoding"]["fill"]["scale"]["range"][1]
+    median = pd.DataFrame(rows_of(spec, layers[1]))
+    assert median.set_index("step").loc[100, "median"] == pytest.approx(100)
+    enc = layers[2]["encoding"]
+    assert enc["stroke"]["sort"] == ["dearest: point 1084", "median: point 11", "cheapest: point 13"]  # by final cost
+    assert len(set(enc["stroke"]["scale"]["range"])) == 3  # distinct colours
+    dash = dict(zip(enc["strokeDash"]["scale"]["domain"], enc["strokeDash"]["scale"]["range"]))
+    assert dash["recorded"] == [1, 0] and dash["pchip"] != [1, 0]
+    assert "1437 points" in json.dumps(spec["title"])
+
+
+def test_cost_spread_without_points_or_bands():
+    bands, curves = spread_frames()
+    only_bands = C.cost_spread(bands, None).to_dict()
+    assert [mark_type(u) for u in only_bands["layer"]] == ["area", "line"]
+    only_points = C.cost_spread(None, curves[curves["kind"] == "recorded"]).to_dict()
+    assert [mark_type(u) for u in units(only_points)] == ["line"]
+    assert "no data" in json.dumps(C.cost_spread(None, None).to_dict())
+
+
 # --------------------------------------------------------------------------- 3. gallery
 
 
@@ -321,7 +368,7 @@ def test_gallery_draws_the_passed_pngs_as_data_urls(F):
     high = rows_of(spec, spec["vconcat"][1])
     assert [r["point_id"] for r in low] == ["0", "1", "2", "3"]
     assert [r["point_id"] for r in high] == ["7", "6", "5", "4"]
-    assert low[0]["caption"] == "0\nε=1 #1"
+    assert low[0]["caption"] == "point 0\nlabel 0\nε 1 · #1"  # the point id first
     texts = [u for u in units(spec) if mark_type(u) == "text" and u["encoding"].get("text", {}).get("field") == "caption"]
     assert len(texts) == 2
 
@@ -339,6 +386,20 @@ def test_gallery_placeholder_for_missing_thumbnail_and_jpeg_reencoded():
     assert reencoded.format == "PNG" and reencoded.size == (20, 20)
     placeholder = [u for u in units(spec) if mark_type(u) == "text" and u["mark"].get("text") == "no image"]
     assert placeholder and placeholder[0]["transform"] == [{"filter": "datum.missing"}]
+
+
+def test_gallery_dearest_first_keeps_ranks_ascending_and_input_order_within_ties():
+    """Tied points (same ε, same rank): the highest block ran #10 -> #1; now #1 first, ties in the caller's order."""
+    df = pd.DataFrame({"point_id": [50, 40, 30, 20, 10], "label": [1, 2, 3, 4, 5],
+                       "epsilon": [4.5, 4.5, 4.5, 4.0, 3.0], "rank": [1, 1, 1, 4, 5],
+                       "group": ["highest"] * 5, "thumbnail": [png_bytes()] * 5})
+    spec = C.gallery(df, notes={"highest": "3 points tie at ε = 4.5; shown by mean norm"}).to_dict()
+    (block,) = spec["vconcat"]
+    got = rows_of(spec, block)
+    assert [r["point_id"] for r in got] == ["50", "40", "30", "20", "10"]
+    assert [r["rank"] for r in got] == [1, 1, 1, 4, 5]
+    assert got[0]["caption"].split("\n")[0] == "point 50"
+    assert block["title"]["subtitle"] == "3 points tie at ε = 4.5; shown by mean norm"
 
 
 # --------------------------------------------------------------------------- 4. groups
@@ -418,14 +479,34 @@ def test_rank_correlation_matrix_heatmap_with_values_and_mirrored_pairs():
 # --------------------------------------------------------------------------- 7. scatter
 
 
-def test_scatter_vs_has_loess_and_scipy_spearman(F):
+def test_scatter_vs_has_a_binned_median_trend_and_scipy_spearman(F):
     spec = C.scatter_vs(F["scatter"], "curvature").to_dict()
     rho = stats.spearmanr(F["scatter"]["curvature"], F["scatter"]["epsilon"]).statistic
     assert f"ρ = {rho:.3f}" in title_text(spec) and "curvature" in title_text(spec)
     pts = [u for u in units(spec) if mark_type(u) == "circle"][0]
     assert pts["encoding"]["y"]["field"] == "epsilon" and pts["encoding"]["x"]["title"] == "curvature"
     line = [u for u in units(spec) if mark_type(u) == "line"][0]
-    assert any("loess" in t for t in line["transform"])
+    trend = pd.DataFrame(rows_of(spec, line))
+    assert trend["count"].sum() == len(F["scatter"])  # every point is in a bin
+    assert not any("loess" in t for u in units(spec) for t in u.get("transform", []))
+
+
+def test_scatter_vs_trend_stays_within_the_data():
+    """A loess line dived to ε ≈ 1.45 where all points are ≥ 2.5 (sparse ends): the trend stays in the data's box."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 1, 300), [8.0, 9.0, 30.0]])  # a few far, sparse points
+    eps = np.concatenate([2.5 + rng.uniform(0, 2, 300), [2.5, 4.5, 2.5]])
+    df = pd.DataFrame({"point_id": np.arange(len(x)), "epsilon": eps, "curvature": x})
+    spec = C.scatter_vs(df, "curvature").to_dict()
+    trend = pd.DataFrame(rows_of(spec, [u for u in units(spec) if mark_type(u) == "line"][0]))
+    assert trend["x"].min() >= x.min() and trend["x"].max() <= x.max()
+    assert trend["median"].min() >= eps.min() and trend["median"].max() <= eps.max()
+    band = [u for u in units(spec) if mark_type(u) == "area"][0]
+    b = pd.DataFrame(rows_of(spec, band))
+    assert b["q1"].min() >= eps.min() and b["q3"].max() <= eps.max()
+    # too few points for a trend: the scatter alone
+    small = C.scatter_vs(df.head(10), "curvature").to_dict()
+    assert [mark_type(u) for u in units(small)] == ["circle"]
 
 
 def test_scatter_vs_log_x_and_downsampling():
@@ -448,16 +529,42 @@ def test_scatter_vs_log_x_and_downsampling():
 
 def test_training_curves_one_panel_per_metric_dp_vs_non_dp(F):
     spec = C.training_curves(F["training"]).to_dict()
+    assert title_text(spec) == "Training curves: DP-SGD vs non-private runs"
     assert [p["title"] for p in spec["concat"]] == ["training loss", "test accuracy", "wall-clock time (s)", "peak memory (MiB)"]
     for panel in spec["concat"]:
         enc = panel["encoding"]
-        assert enc["color"]["field"] == "run_id" and enc["strokeDash"]["field"] == "training"
+        assert enc["color"]["field"] == "run" and enc["strokeDash"]["field"] == "training"
+        assert enc["strokeDash"]["legend"]["symbolStrokeColor"]  # the dash legend's symbols are visible
         assert set(enc["strokeDash"]["scale"]["domain"]) == {"DP-SGD", "non-private"}
     mem = rows_of(spec, spec["concat"][3])
     assert {r["value"] for r in mem} == {1024.0, 2048.0}  # bytes shown in MiB
     # only the metrics present get a panel
     two = C.training_curves(F["training"][F["training"]["metric"].isin(["loss", "wall_s"])]).to_dict()
     assert [p["title"] for p in two["concat"]] == ["training loss", "wall-clock time (s)"]
+
+
+def test_training_curves_of_dp_runs_only_do_not_claim_a_comparison(F):
+    dp = F["training"][F["training"]["private"]]
+    spec = C.training_curves(dp).to_dict()
+    assert title_text(spec) == "Training curves"  # was "DP-SGD vs non-private runs" with no non-private run
+    assert "non-private" not in json.dumps(spec["title"])
+    for panel in spec["concat"]:
+        assert panel["encoding"]["strokeDash"]["legend"] is None  # no legend entry for a single kind
+
+
+def test_training_curves_highlight_one_run_on_top():
+    rows = [(run, s, "loss", 1.0 / (1 + s) + i, True) for i, run in enumerate(["r1", "r2", "r3"]) for s in range(10)]
+    df = pd.DataFrame(rows, columns=["run_id", "step", "metric", "value", "private"])
+    spec = C.training_curves(df, highlight="r2").to_dict()
+    (panel,) = spec["concat"]
+    under, top = panel["layer"]
+    assert {r["run_id"] for r in rows_of(spec, top)} == {"r2"}
+    assert {r["run_id"] for r in rows_of(spec, under)} == {"r1", "r3"}
+    assert top["mark"]["strokeWidth"] > under["mark"]["strokeWidth"] and under["mark"]["opacity"] < 1
+    assert top["encoding"]["color"]["sort"] == ["r2 (this report)", "r1", "r3"]
+    assert "r2" in json.dumps(spec["title"])
+    # an unknown run to highlight is ignored
+    assert "layer" not in C.training_curves(df, highlight="nope").to_dict()["concat"][0]
 
 
 def test_training_curves_thinned_above_max_rows():
@@ -556,6 +663,29 @@ def test_write_report_writes_valid_pngs_and_gallery_images_survive(F, tmp_path):
     # the gallery's thumbnails (pure red, 48x48 px each at scale 1) are drawn
     _, counts = _colour_stats(out["pngs"][1])
     assert counts[(255, 0, 0)] >= 2 * 40 * 40
+
+
+def test_histogram_bins_in_pandas_with_integer_counts():
+    df = pd.DataFrame({"mean_loss": np.r_[np.linspace(0, 2, 99), np.nan]})
+    spec = C.histogram(df, "mean_loss", "Mean loss per point", "mean loss", bins=10).to_dict()
+    got = rows_of(spec, spec)
+    assert len(got) == 10 and sum(r["count"] for r in got) == 99
+    assert spec["encoding"]["y"]["axis"]["tickMinStep"] == 1
+    assert "1 non-finite" in json.dumps(spec["title"])
+
+
+def test_section_items_are_listed_escaped():
+    page = render_html("t", {}, [Section("Not in this report", None, "left out:", items=["a <b>", "c"])])
+    assert '<ul class="items"><li>a &lt;b&gt;</li><li>c</li></ul>' in page
+
+
+def test_write_report_writes_no_html_when_a_chart_fails(tmp_path):
+    broken = {"$schema": "https://vega.github.io/schema/vega-lite/v6.json", "data": {"values": [{"a": 1}]},
+              "mark": "no-such-mark", "encoding": {"x": {"field": "a", "type": "quantitative"}}}
+    out = tmp_path / "r.html"
+    with pytest.raises(Exception):
+        write_report(out, "R", {}, [Section("bad", broken)], png_dir=tmp_path / "png")
+    assert not out.exists()  # nothing partially written
 
 
 def test_slugify():

@@ -1,6 +1,6 @@
 """The HTML report renders in a real browser, offline: headless Chromium, DOM and screenshot.
 
-Builds a report with all 8 charts from synthetic data, opens it from disk with headless
+Builds a report with all 10 charts from synthetic data, opens it from disk with headless
 Chromium and checks the rendered DOM (every chart div holds an SVG with marks, no
 "chart error", no page error), that the page asked for nothing over the network
 (Chromium's net log), and that a screenshot is not blank.
@@ -100,6 +100,8 @@ def sections() -> list[Section]:
          for metric, value in (("loss", 2 / (1 + s / 50) + 0.3 * private), ("test_accuracy", 0.5 + s / (500 if private else 400)),
                                ("wall_s", s * 0.1 * (3 if private else 1)), ("peak_mem_bytes", 2 ** 30 * (1 + private)))],
         columns=["run_id", "step", "metric", "value", "private"])
+    bands = pd.DataFrame([(s, q, s * (0.5 + q) / 10) for q in (0.05, 0.25, 0.5, 0.75, 0.95) for s in range(0, 101, 10)],
+                         columns=["step", "quantile", "cumulative_cost"])
     return [
         Section("Distribution of per-example ε", C.epsilon_distribution(eps, 11.25), "How privacy cost is spread."),
         Section("Cost curves", C.cost_curves(curves, 3), "When points pay."),
@@ -109,7 +111,10 @@ def sections() -> list[Section]:
         Section("Rank stability", C.rank_stability(ranks, "s0", "s1")),
         Section("Rank correlations", C.rank_correlation_matrix(matrix)),
         Section("ε vs memorization", C.scatter_vs(scatter, "memorization")),
-        Section("Training curves", C.training_curves(training)),
+        Section("Training curves", C.training_curves(training, highlight="dp")),
+        Section("Cumulative ε: spread of all points", C.cost_spread(bands, curves, note="400 points")),
+        Section("Per-point loss", C.histogram(eps.assign(loss=eps["epsilon"] / 3), "loss", "Per-point loss")),
+        Section("Not in this report", None, "Left out:", items=["Rank stability: only one run."]),
     ]
 
 
@@ -137,15 +142,15 @@ def test_every_chart_renders_as_svg_offline(report, tmp_path):
     net_log = tmp_path / "net.json"
     dom = run_chromium(report.as_uri(), f"--log-net-log={net_log}", "--dump-dom")
     expected = int(re.search(r'data-chart-count="(\d+)"', dom).group(1))
-    assert expected == 8
+    assert expected == 10
     divs = chart_divs(dom)
-    assert sorted(divs) == sorted(f"chart-{i}" for i in range(8))
+    assert sorted(divs) == sorted(f"chart-{i}" for i in range(10))
     for name, inner in divs.items():
         assert "<svg" in inner, f"{name} has no svg: {inner[:300]}"
         marks = len(re.findall(r"<(path|rect|image|line)\b", inner))
         assert marks > 0, f"{name}: svg without marks"
         assert "chart error" not in inner
-    assert len(re.findall(r'data-chart-status="rendered"', dom)) == 8
+    assert len(re.findall(r'data-chart-status="rendered"', dom)) == 10
     # the gallery's thumbnails are in the page as images with data URLs
     gallery = divs["chart-2"]
     hrefs = re.findall(r'<image\b[^>]*href="([^"]*)"', gallery)
