@@ -12,7 +12,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from dpledger.models.curvature import input_curvature
 from dpledger.warehouse.errors import UserError
@@ -20,6 +19,7 @@ from dpledger.warehouse.sqlutil import transaction
 
 from . import load
 from .checkpoints import choose_checkpoints, require_files, stored_train_config
+from .recorder import load_torch
 from .worker import build, load_data
 
 
@@ -45,7 +45,7 @@ def score_run(con, run_id: str, checkpoints: str = "all", n_probes: int = 10, h:
     for i, (step, path) in enumerate(chosen):
         if on_checkpoint:
             on_checkpoint(step, i, len(chosen))
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        model.load_state_dict(load_torch(path, "cpu", f"checkpoint of run {run_id!r}"))
         traces, scores = [], []
         for a in range(0, len(ids), batch):
             c = input_curvature(model, x[a:a + batch], y[a:a + batch], n_probes=n_probes, h=h, seed=seed)

@@ -28,6 +28,7 @@ from dpledger.warehouse.sqlutil import first, transaction
 
 from . import load
 from .checkpoints import choose_checkpoints, require_files, stored_train_config
+from .recorder import load_torch
 from .ray_executor import map_tasks
 from .readers import Source
 from .worker import TrainConfig, build, load_data, tracked_points
@@ -45,7 +46,7 @@ def _score_range(cfg_dict: dict, checkpoints: list[tuple[int, str]], ids: np.nda
         parts = []
         with GradNormTracker(model, chunk_size=4096) as tracker:
             for step, path in checkpoints:
-                model.load_state_dict(torch.load(path, map_location="cpu"))
+                model.load_state_dict(load_torch(path, "cpu", "checkpoint"))
                 res = tracker(x, y)
                 parts.append(pa.table({
                     "step": np.full(len(ids), step + 1, dtype=np.int64), "point_id": ids.astype(np.int64),

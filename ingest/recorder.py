@@ -11,6 +11,13 @@ the sink's committed step continues exactly as the uninterrupted run would have.
 
 Checkpoints (the model's parameters at an evaluation step) are written under
 ``<run_dir>/checkpoints/``; every file goes through :func:`ingest.atomic.atomic_write`.
+
+Every file of a run folder is read back with :func:`load_torch`, ``torch.load(...,
+weights_only=True)``: tensors, numbers, strings and containers only, never arbitrary
+Python objects, so a pickle planted in a run folder (a resume state, a checkpoint) is
+refused with one line instead of running code. A resume state that is refused, or is
+not shaped as :func:`capture_state` writes it, fails the resume; the run is not
+restarted silently (delete the run's ``state/`` folder to give it up).
 """
 
 from __future__ import annotations
@@ -46,6 +53,30 @@ def save_torch(obj, path: Path) -> None:
         raise UserError(f"cannot write {path}: {detail}") from None
 
 
+def load_torch(path: Path, map_location, what: str, *params: str):
+    """``torch.load`` of a file dpledger wrote (``what`` names it in errors, ``params`` the
+    parameters it names), tensors and plain types only (``weights_only=True``): anything
+    else, a truncated or foreign file, is a one-line :class:`UserError`, and no code in the
+    file runs."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}", *params) from None
+    except Exception as exc:  # pickle.UnpicklingError (refused objects), RuntimeError (not a torch file), ...
+        raise UserError(f"{what} {path} is not a file of tensors dpledger wrote; refused to load it "
+                        f"({_why(exc)})", *params) from None
+
+
+def _why(exc: Exception) -> str:
+    """One line of ``torch.load``'s refusal: what it refused (its message otherwise spans lines
+    and suggests ``weights_only=False``, which would run the file's code)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    why = next((line for line in lines if "unsupported" in line.lower()), None) \
+        or next((line for line in lines if not line.startswith(("Weights only load failed", "Please file"))), None) \
+        or type(exc).__name__
+    return why.removeprefix("WeightsUnpickler error:").strip()[:200] or type(exc).__name__
+
+
 def state_path(run_dir: Path, step: int) -> Path:
     """Where the resume state of ``step`` lives."""
     return run_dir / "state" / f"step-{step:08d}.pt"
@@ -59,20 +90,37 @@ def capture_state(step: int, dp, sampler) -> dict:
 
 
 def load_state(run_dir: Path, run_id: str, step: int, device) -> dict:
-    """The resume state saved with the commit of ``step`` (a UserError if it is missing)."""
+    """The resume state saved with the commit of ``step``: a UserError if it is missing, is
+    refused by :func:`load_torch`, or is not what :func:`capture_state` makes (``device`` is
+    unused: the state is loaded on the CPU and :func:`restore_state` moves it)."""
     path = state_path(run_dir, step)
     if not path.exists():
         raise UserError(f"resume {run_id}: the saved state {path} is missing", "resume")
-    return torch.load(path, map_location=device, weights_only=False)
+    # on the CPU: the generators' states must be CPU tensors; load_state_dict moves the rest
+    state = load_torch(path, "cpu", f"resume {run_id}: the saved state", "resume")
+    expected = {"step": int, "model": dict, "optimizer": dict, "sampler": torch.Tensor, "noise": torch.Tensor,
+                "torch": torch.Tensor}
+    wrong = [k for k, kind in expected.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong or state["step"] != step:
+        what = f"no valid {wrong[0]!r}" if wrong else f"step {state['step']}, not {step}"
+        raise UserError(f"resume {run_id}: the saved state {path} is not a resume state of step {step} ({what})",
+                        "resume")
+    return state
 
 
-def restore_state(state: dict, dp, sampler) -> None:
-    """Put back what :func:`capture_state` saved."""
-    dp.model.load_state_dict(state["model"])
-    dp.base.load_state_dict(state["optimizer"])
-    sampler.set_state(state["sampler"])
-    dp.noise.set_state(state["noise"])
-    torch.set_rng_state(state["torch"])
+def restore_state(state: dict, dp, sampler, path: Path | None = None) -> None:
+    """Put back what :func:`capture_state` saved (a state that does not fit this run's model,
+    optimizer or generators is a UserError naming ``path``)."""
+    try:
+        dp.model.load_state_dict(state["model"])
+        dp.base.load_state_dict(state["optimizer"])
+        sampler.set_state(state["sampler"])
+        dp.noise.set_state(state["noise"])
+        torch.set_rng_state(state["torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"the saved state{' ' + str(path) if path else ''} does not fit this run "
+                        f"({first[:200]})") from None
 
 
 @dataclass
@@ -159,4 +207,4 @@ class Recorder:
         self.sink_s += self.last_commit_time - t0
 
 
-__all__ = ["COLUMNS", "Recorder", "RowBuffers", "capture_state", "load_state", "restore_state", "save_torch", "state_path"]
+__all__ = ["COLUMNS", "Recorder", "RowBuffers", "capture_state", "load_state", "load_torch", "restore_state", "save_torch", "state_path"]
