@@ -33,6 +33,8 @@ physical batch):
   bit-identical with and without it;
 * ``steps``: the batch size (actual, Poisson), mean loss, learning rate, wall time,
   peak memory and the time the tracked set took;
+* ``points``: one row per example of the dataset (its point id, the label where the dataset
+  has them as a tensor or ``.targets``), under ``dataset`` (default: the run's name);
 * ``runs``: q (the data loader's sample rate), σ, C, the expected batch size, the
   planned steps (``epochs`` x batches per epoch when ``epochs`` is given, else the
   steps taken, filled in at the end), δ (``delta``/``target_delta``), the
@@ -460,7 +462,7 @@ class Ledger:
             self._run_dir = Path(run_dir) if run_dir else base / "runs" / run
             Recorder.make_folders(self._run_dir)
             self._run_row = {
-                "run_id": run, "dataset": dataset, "model": model_name or type(_unwrapped(model)).__name__,
+                "run_id": run, "dataset": dataset or run, "model": model_name or type(_unwrapped(model)).__name__,
                 "seed": seed, "n_train": n_train, "sample_rate": q,
                 "batch_size": int(optimizer.expected_batch_size) if optimizer.expected_batch_size else None,
                 "noise_multiplier": sigma, "max_grad_norm": c, "lr": float(base_lr) if base_lr is not None else None,
@@ -573,13 +575,17 @@ class Ledger:
         original_pre_step = opt.pre_step
         self._patch(opt, "pre_step", lambda closure=None: self._pre_step(original_pre_step, closure))
         if self.mode == "hooks":
-            original_clip = opt.clip_and_accumulate
+            if _opacus_version() in _CLIP_REPLICA_VERSIONS:
+                # Opacus's own clipping, verbatim, keeping the norms it computes: nothing computed twice
+                self._patch(opt, "clip_and_accumulate", _recording_clip(opt, self._phys_norms))
+            else:  # another Opacus: the same norms by the same operations, then Opacus's own clipping
+                original_clip = opt.clip_and_accumulate
 
-            def clip_and_accumulate():
-                self._phys_norms.append(_per_sample_norms(opt))
-                return original_clip()
+                def clip_and_accumulate():
+                    self._phys_norms.append(_per_sample_norms(opt))
+                    return original_clip()
 
-            self._patch(opt, "clip_and_accumulate", clip_and_accumulate)
+                self._patch(opt, "clip_and_accumulate", clip_and_accumulate)
         else:
             gsm = self._ghost
             original_norms = gsm.get_norm_sample
@@ -661,14 +667,15 @@ class Ledger:
         real = original(closure)  # Opacus: clip (norms recorded), maybe noise, the accountant's hook
         if self._closed:
             return real
-        norms = self._phys_norms
+        norms = list(self._phys_norms)
+        self._phys_norms.clear()  # in place: the clipping closure holds this list
         n = sum(len(t) for t in norms)
         losses = next((t for t in reversed(self._phys_losses) if len(t) == n), None)
         if n == 0:
             losses = torch.zeros(0)
         self._step_norms.extend(norms)
         self._step_losses.append(losses)
-        self._phys_norms, self._phys_losses = [], []
+        self._phys_losses = []
         if real:
             self._finish_step()
         return real
@@ -716,11 +723,10 @@ class Ledger:
                 warnings.warn(f"dpledger: step {t}: Opacus clipped {n} examples, but the data loader given to "
                               f"track() drew {len(batch)}; no point rows for such steps (is the loop iterating "
                               "that loader, or a BatchMemoryManager over it?)", stacklevel=4)
-            row.update(pids=None, norms=None, losses=None)
+            row.update(batch=None, norms=None, losses=None)
         else:
-            pids = self._pid(np.asarray(batch, dtype=np.int64))
-            row.update(pids=pids, norms=norm_parts, losses=loss_parts if all(x is not None for x in loss_parts)
-                       else None)
+            row.update(batch=batch, norms=norm_parts,
+                       losses=loss_parts if all(x is not None for x in loss_parts) else None)
         row["tracked"] = tracked
         self._pending.append(row)
         self.sink_s += time.perf_counter() - t0
@@ -729,61 +735,61 @@ class Ledger:
 
     # -- committing ---------------------------------------------------------------------------------
     def _flush(self, step: int | None = None) -> None:
-        """Hand the finished steps to the recorder and commit them (with the marker ``step``)."""
+        """Hand the finished steps to the recorder and commit them (with the marker ``step``):
+        the norms and losses of all of them leave the device in one copy."""
         if not self._pending:
             return
         t0 = time.perf_counter()
-        step = self._pending[-1]["step"] if step is None else step
-        rows = self._pending
-        self._pending = []
-        norms, losses, pids, sampled, steps = [], [], [], [], []
+        rows, self._pending = self._pending, []
+        step = rows[-1]["step"] if step is None else step
+        norms, losses, steps, pids, sampled, keep = [], [], [], [], [], []
+        spans = []  # per row: (offset, length) of its batch rows in the concatenated arrays, or None
+        offset = 0
         for r in rows:
-            if r["pids"] is None:
+            if r["batch"] is None:
+                spans.append(None)
                 continue
-            k = len(r["pids"])
-            bpids = r["pids"]
-            steps.append(np.full(k, r["step"], np.int64))
-            pids.append(bpids)
-            sampled.append(np.ones(k, bool))
+            bp = self._pid(np.asarray(r["batch"], dtype=np.int64))
+            k = len(bp)
             if k:
-                norms.append(torch.cat(r["norms"]).reshape(-1))
-                losses.append(torch.cat(r["losses"]).reshape(-1).float() if r["losses"] is not None
-                              else torch.full((k,), float("nan"), device=norms[-1].device))
-            if len(np.unique(bpids)) != k:  # a sampler with replacement: one row per example
-                first = np.sort(np.unique(bpids, return_index=True)[1])
-                keep = np.zeros(k, bool)
-                keep[first] = True
-                steps[-1], pids[-1], sampled[-1] = steps[-1][keep], bpids[keep], sampled[-1][keep]
-                if k:
-                    kt = torch.as_tensor(keep, device=norms[-1].device)
-                    norms[-1], losses[-1] = norms[-1][kt], losses[-1][kt]
+                norms.extend(r["norms"])
+                losses.extend(r["losses"] if r["losses"] is not None else [torch.full((k,), float("nan"))])
+            steps.append(np.full(k, r["step"], np.int64))
+            pids.append(bp)
+            sampled.append(np.ones(k, bool))
+            kp = np.ones(k, bool)
+            if k > 1 and len(np.unique(bp)) != k:  # a sampler with replacement: one row per example
+                kp[:] = False
+                kp[np.unique(bp, return_index=True)[1]] = True
+            keep.append(kp)
+            spans.append((offset, k))
+            offset += k
             if r["tracked"] is not None:
                 tn, tl = r["tracked"]
-                out = ~np.isin(self._track_ids, pids[-1])
-                if out.any():
+                out = ~np.isin(self._track_ids, bp)
+                m = int(out.sum())
+                if m:
                     ot = torch.as_tensor(out, device=tn.device)
-                    steps.append(np.full(int(out.sum()), r["step"], np.int64))
-                    pids.append(self._track_ids[out])
-                    sampled.append(np.zeros(int(out.sum()), bool))
                     norms.append(tn[ot])
-                    losses.append(tl[ot].float())
+                    losses.append(tl[ot])
+                    steps.append(np.full(m, r["step"], np.int64))
+                    pids.append(self._track_ids[out])
+                    sampled.append(np.zeros(m, bool))
+                    keep.append(np.ones(m, bool))
+                    offset += m
+        g = _to_numpy(norms, offset)
+        lo = _to_numpy(losses, offset)
         if pids:
-            all_pids = np.concatenate(pids)
-            dev = norms[0].device if norms else torch.device("cpu")
-            g = (torch.cat([x.to(dev, torch.float64) for x in norms]).cpu().numpy() if norms
-                 else np.zeros(0, np.float64))
-            lo = (torch.cat([x.to(dev, torch.float64) for x in losses]).cpu().numpy() if losses
-                  else np.zeros(0, np.float64))
-            self.recorder.add("point_steps", step=np.concatenate(steps), point_id=all_pids, grad_norm=g,
-                              norm_clipped=np.zeros(len(all_pids), bool), loss=lo, sampled=np.concatenate(sampled))
-        def mean_loss(r):
-            if r["losses"] is None or not r["batch_size"]:
-                return float("nan")
-            return float(torch.cat(r["losses"]).double().mean())
+            kp = np.concatenate(keep)
+            all_pids = np.concatenate(pids)[kp]
+            self.recorder.add("point_steps", step=np.concatenate(steps)[kp], point_id=all_pids, grad_norm=g[kp],
+                              norm_clipped=np.zeros(len(all_pids), bool), loss=lo[kp],
+                              sampled=np.concatenate(sampled)[kp])
+        mean = np.array([lo[sp[0]:sp[0] + sp[1]].mean() if sp is not None and sp[1] else np.nan for sp in spans])
         self.recorder.add("steps", step=np.array([r["step"] for r in rows], np.int64),
                           epoch=np.array([r["step"] / self.steps_per_epoch for r in rows]),
                           batch_size=np.array([r["batch_size"] for r in rows], np.int64),
-                          loss=np.array([mean_loss(r) for r in rows]), lr=np.array([r["lr"] for r in rows]),
+                          loss=mean, lr=np.array([r["lr"] for r in rows]),
                           wall_s=np.array([r["wall_s"] for r in rows]),
                           peak_mem_bytes=np.array([r["mem"] for r in rows], np.int64),
                           test_accuracy=np.full(len(rows), np.nan), track_s=np.array([r["track_s"] for r in rows]))
@@ -862,6 +868,46 @@ def _at_exit(ledger: Ledger):
     return handler
 
 
+# Opacus versions whose DPOptimizer.clip_and_accumulate _recording_clip reproduces line by line
+_CLIP_REPLICA_VERSIONS = ("1.6.0",)
+
+
+def _recording_clip(opt, out: list):
+    """``DPOptimizer.clip_and_accumulate`` of Opacus 1.6.0 (the same operations in the same order,
+    so the same clipped sum, bit for bit: a test checks it), bound to ``opt``, that also appends the
+    per-example norms it clips with to ``out``."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def clip_and_accumulate():
+        grad_samples = opt.grad_samples
+        if len(grad_samples[0]) == 0:
+            # Empty batch
+            per_sample_clip_factor = torch.zeros((0,), device=grad_samples[0].device)
+            per_sample_norms = per_sample_clip_factor
+        else:
+            per_param_norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples]
+            if per_param_norms:
+                target_device = per_param_norms[0].device
+                per_param_norms = [norm.to(target_device) for norm in per_param_norms]
+            per_sample_norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)
+            per_sample_clip_factor = (opt.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
+        out.append(per_sample_norms.detach())
+        for p in opt.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = opt._get_flat_grad_sample(p)
+            # gradients should match the dtype of the optimizer parameters
+            grad_sample = grad_sample.to(p.dtype)
+            clip_factor_on_device = per_sample_clip_factor.to(grad_sample.device).to(p.dtype)
+            grad = torch.einsum("i,i...", clip_factor_on_device, grad_sample)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
+
+    return clip_and_accumulate
+
+
 def _per_sample_norms(optimizer) -> torch.Tensor:
     """The per-example gradient norms ``DPOptimizer.clip_and_accumulate`` clips with, by the same
     operations (so the same float values): norms of ``p.grad_sample`` per parameter, then per example."""
@@ -873,6 +919,14 @@ def _per_sample_norms(optimizer) -> torch.Tensor:
     per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in gs]
     dev = per_param[0].device
     return torch.stack([x.to(dev) for x in per_param], dim=1).norm(2, dim=1).detach()
+
+
+def _to_numpy(parts: list, n: int) -> np.ndarray:
+    """Tensors (on any device) concatenated into one float64 array, with one copy to the host."""
+    if not parts:
+        return np.zeros(n, np.float64)
+    dev = parts[0].device
+    return torch.cat([x.reshape(-1).to(dev, torch.float64) for x in parts]).cpu().numpy()
 
 
 def _opacus_version() -> str | None:

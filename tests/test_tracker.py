@@ -210,7 +210,7 @@ def test_example_sigkill_and_resume_from_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _train(tmp_path: Path | None, mode: str = "hooks", *, epochs: int = 1, physical: int | None = None,
-           ledger: dict | None = None, every_params: bool = True, raise_at: int | None = None):
+           ledger: dict | None = None, every_params: bool = True, raise_at: int | None = None, workers: int = 0):
     """The example's loop in process. Returns per real step: the batch's inputs, Opacus's norms
     (hooks: from p.grad_sample; ghost: the model's per_sample_gradient_norms), the parameters
     before the step and after it; and the ledger (closed)."""
@@ -219,7 +219,8 @@ def _train(tmp_path: Path | None, mode: str = "hooks", *, epochs: int = 1, physi
 
     torch.manual_seed(0)
     train_set, _ = EX.digits_datasets()
-    loader = torch.utils.data.DataLoader(train_set, batch_size=64)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=64, num_workers=workers,
+                                         multiprocessing_context="fork" if workers else None)
     model = EX.SampleConvNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     criterion = nn.CrossEntropyLoss()
@@ -282,11 +283,14 @@ def _train(tmp_path: Path | None, mode: str = "hooks", *, epochs: int = 1, physi
     return record, led, engine
 
 
-@pytest.mark.parametrize("mode,physical", [("hooks", None), ("ghost", None), ("hooks", 16), ("ghost", 16)])
-def test_every_step_matches_opacus_and_updates_are_bit_identical(tmp_path, mode, physical):
+@pytest.mark.parametrize("mode,physical,workers", [("hooks", None, 0), ("ghost", None, 0), ("hooks", 16, 0),
+                                                   ("ghost", 16, 0), ("hooks", 16, 2)])
+def test_every_step_matches_opacus_and_updates_are_bit_identical(tmp_path, mode, physical, workers):
+    """Per-sample and ghost clipping, with and without BatchMemoryManager's virtual steps, and a
+    loader whose worker processes draw batches ahead."""
     ledger = {"run": "r", "every": 5, "points": 40, "commit_every": 7}
-    with_ledger, led, engine = _train(tmp_path, mode, physical=physical, ledger=ledger)
-    without, _, engine0 = _train(None, mode, physical=physical)
+    with_ledger, led, engine = _train(tmp_path, mode, physical=physical, ledger=ledger, workers=workers)
+    without, _, engine0 = _train(None, mode, physical=physical, workers=workers)
     # zero side effects: every update bit-identical, the same accounting
     assert len(with_ledger["after"]) == len(without["after"]) > 10
     for a, b in zip(with_ledger["after"], without["after"]):
@@ -323,7 +327,7 @@ def test_every_step_matches_opacus_and_updates_are_bit_identical(tmp_path, mode,
     y_all = EX.digits_datasets()[0].tensors[1]
     for t in (0, n_steps // 2, n_steps - 1):
         got = rows[(rows.step == t) & rows.sampled]
-        pids = torch.as_tensor(got.point_id.to_numpy())
+        pids = torch.as_tensor(got.point_id.to_numpy().copy())
         np.testing.assert_allclose(got.grad_norm.to_numpy(),
                                    _naive_norms(with_ledger["before"][t], train_x[pids], y_all[pids]), rtol=1e-5)
     cfg = json.loads(con.execute("SELECT config FROM runs WHERE run_id = 'r'").fetchone()[0])
@@ -434,3 +438,47 @@ def test_db_sink_and_refusals(tmp_path):
     assert con.execute("SELECT count(DISTINCT step), min(status) FROM point_steps JOIN runs USING (run_id) "
                        "WHERE run_id = 'direct'").fetchone() == (5, "finished")
     assert ledger.step == 5
+
+
+def test_opacus_objects_by_hand_tracked_ids_and_a_layer_the_tracker_refuses(tmp_path):
+    """GradSampleModule + DPOptimizer + DPDataLoader made by hand (no PrivacyEngine), make_private_with_epsilon,
+    a tracked set given as the user's own point ids, and BatchNorm refused for the tracked set."""
+    from opacus import GradSampleModule, PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    train_set, _ = EX.digits_datasets()
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4 * 36, 10))
+    gsm = GradSampleModule(net, strict=False)
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=64)
+    loader = DPDataLoader.from_data_loader(torch.utils.data.DataLoader(train_set, batch_size=64))
+    with pytest.raises(UserError, match=r"layer 1 \(BatchNorm2d\)"):
+        dpledger.track(None, gsm, opt, loader, run="bn", lake=tmp_path / "lake", points=5)
+
+    model = EX.SampleConvNet()
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=torch.utils.data.DataLoader(train_set, batch_size=64), target_epsilon=3.0, target_delta=1e-5,
+        epochs=2, max_grad_norm=1.0)
+    ids = np.arange(len(train_set)) * 10 + 7
+    criterion = nn.CrossEntropyLoss()
+    with dpledger.track(engine, model, optimizer, loader, run="eps", criterion=criterion, ids=ids, epochs=2,
+                        target_delta=1e-5, target_epsilon=3.0, points=[17, 27, 1007], every=4,
+                        lake=tmp_path / "lake") as ledger:
+        for _ in range(2):
+            for x, y in loader:
+                optimizer.zero_grad()
+                criterion(model(x), y).backward()
+                optimizer.step()
+    con = _merge(tmp_path / "lake", tmp_path / "w.duckdb")
+    sigma, steps, delta, target = con.execute(
+        "SELECT noise_multiplier, steps, delta, target_epsilon FROM runs WHERE run_id = 'eps'").fetchone()
+    assert sigma == optimizer.noise_multiplier and steps == ledger.step == 2 * len(loader)
+    assert (delta, target) == (1e-5, 3.0)
+    rows = _rows(con, "eps")
+    assert set(rows.point_id) <= set(ids.tolist())
+    tracked = rows[rows.step % 4 == 0].groupby("step").point_id.apply(lambda p: {17, 27, 1007} <= set(p))
+    assert tracked.all() and len(tracked) == -(-steps // 4)
