@@ -229,6 +229,14 @@ def _natural_order(values) -> list[str]:
     return sorted({str(v) for v in values}, key=key)
 
 
+def _count_axis(counts) -> alt.Axis:
+    """An axis of whole numbers: every integer when the largest count is small, else integer ticks."""
+    top = int(np.max(counts)) if len(counts) else 0
+    if top <= 10:
+        return alt.Axis(values=list(range(top + 1)), format="d")
+    return alt.Axis(tickMinStep=1, format="d")
+
+
 def _title(text: str, subtitle: str | list[str] | None = None) -> alt.TitleParams:
     if subtitle:
         return alt.TitleParams(text=text, subtitle=subtitle, anchor="start")
@@ -282,7 +290,7 @@ def epsilon_distribution(df: pd.DataFrame, run_epsilon: float | None, rule: str 
         .encode(
             x=alt.X("epsilon:Q", bin="binned", title=f"per-example {_EPS}", scale=alt.Scale(domain=domain, zero=False, nice=False)),
             x2=alt.X2("epsilon_end:Q"),
-            y=alt.Y("count:Q", title="number of points", axis=alt.Axis(tickMinStep=1, format="d")),
+            y=alt.Y("count:Q", title="number of points", axis=_count_axis(counts)),
             tooltip=[
                 alt.Tooltip("epsilon:Q", title=f"{_EPS} from", format=".4g"),
                 alt.Tooltip("epsilon_end:Q", title=f"{_EPS} to", format=".4g"),
@@ -912,7 +920,7 @@ def histogram(df: pd.DataFrame, column: str, title: str, x_title: str | None = N
         alt.Chart(hist).mark_bar(color="#4c78a8", binSpacing=1).encode(
             x=alt.X("start:Q", bin="binned", title=xt, scale=alt.Scale(zero=False)),
             x2=alt.X2("end:Q"),
-            y=alt.Y("count:Q", title="number of points", axis=alt.Axis(tickMinStep=1, format="d")),
+            y=alt.Y("count:Q", title="number of points", axis=_count_axis(counts)),
             tooltip=[alt.Tooltip("start:Q", title="from", format=".4g"), alt.Tooltip("end:Q", title="to", format=".4g"),
                      alt.Tooltip("count:Q", title="points")],
         ).properties(title=_title(title, lines), width=WIDTH, height=HEIGHT - 80)

@@ -670,8 +670,16 @@ def test_histogram_bins_in_pandas_with_integer_counts():
     spec = C.histogram(df, "mean_loss", "Mean loss per point", "mean loss", bins=10).to_dict()
     got = rows_of(spec, spec)
     assert len(got) == 10 and sum(r["count"] for r in got) == 99
-    assert spec["encoding"]["y"]["axis"]["tickMinStep"] == 1
+    assert spec["encoding"]["y"]["axis"]["format"] == "d"  # whole numbers of points
     assert "1 non-finite" in json.dumps(spec["title"])
+
+
+def test_epsilon_distribution_of_few_points_has_whole_number_ticks():
+    """10 points in 40 bins: the count axis showed 0, 1, 1, 2 (fractional ticks rounded); now 0, 1, 2."""
+    df = pd.DataFrame({"point_id": range(10), "epsilon": [5.8, 6.3, 6.4, 7.5, 8.6, 8.6, 8.7, 9.0, 9.1, 10.3]})
+    spec = C.epsilon_distribution(df, 11.25).to_dict()
+    bars = [u for u in units(spec) if mark_type(u) == "bar"][0]
+    assert bars["encoding"]["y"]["axis"]["values"] == [0, 1, 2]
 
 
 def test_section_items_are_listed_escaped():

@@ -159,6 +159,7 @@ def test_report_of_a_non_dp_run_shows_what_it_can(warehouse_db, tmp_path, capsys
     result = json.loads(capsys.readouterr().out)
     assert result["sections"] == ["Training curves", "Per-point training loss"]
     assert result["summary"]["private"] is False and "epsilon_min" not in result["summary"]
+    assert "noise_multiplier" not in result["summary"] and "delta" not in result["summary"]  # no DP, no σ or δ
     assert "nothing to account" in result["left_out"][0]["reason"]
     text = out.read_text()
     assert "trained without differential privacy" in text and "account it first" not in text

@@ -165,7 +165,7 @@ def cumulative_bands(con, run: RunInfo, quantiles=BAND_QUANTILES, n_eval: int = 
         return pd.DataFrame(columns=["step", "quantile", "cumulative_cost"]), 0
     if len(pids) > max_points:
         pids = np.sort(np.random.default_rng(seed).choice(pids, max_points, replace=False))
-    evals = np.unique(np.round(np.linspace(0, cov.run_steps, n_eval + 1)[1:]).astype(np.int64))
+    evals = np.unique(np.clip(np.round(np.linspace(0, cov.run_steps, n_eval + 1)[1:]), 1, None).astype(np.int64))
     table = _grid_table(con, run)
     n_orders, n_e = len(table.orders), len(evals)
     finals = []
@@ -497,8 +497,9 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
     private = run.get("private")
     private = True if private is None or pd.isna(private) else bool(private)
     summary = {"run_id": run_id, "dataset": run.get("dataset"), "model": run.get("model"), "private": private}
-    summary.update({key: _num(run.get(key)) for key in ("sample_rate", "noise_multiplier", "max_grad_norm", "steps",
-                                                        "delta")})
+    mechanism = ("sample_rate", "noise_multiplier", "max_grad_norm", "steps", "delta") if private else \
+        ("sample_rate", "steps")  # without DP there is no noise, clipping or δ to show
+    summary.update({key: _num(run.get(key)) for key in mechanism})
     if not private:
         summary["test_accuracy"] = _num(acc[0][0]) if acc else None
         notes = ["This run was trained without differential privacy (private = false): it has no per-example ε and no "
