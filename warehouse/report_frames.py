@@ -534,15 +534,15 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
     summary["points_at_max"] = int((eps == eps.max()).sum())
     summary["points_partial"] = partial
     summary["test_accuracy"] = _num(acc[0][0]) if acc else None
-    sampled = f"; the bands use a random sample of {f.band_points} of the {f.points_total} points (seed 0)" \
-        if f.band_points < f.points_total else ""
+    band_note = (f"bands over a random sample of {f.band_points} of the {f.points_total} points (seed 0)"
+                 if f.band_points < f.points_total else f"bands over all {f.band_points} points")
     shown_k = int((f.gallery.group == "lowest").sum()) if not f.gallery.empty else min(k, max(1, len(eps) // 2))
     sections = [
         Section("Distribution of per-example ε", charts.epsilon_distribution(f.epsilon, f.run_epsilon, rule),
                 "How much privacy each training example pays, against the run's data-independent ε (the red line)."),
         Section("Privacy spent over training",
                 charts.cost_spread(f.bands, f.curves, cost_title="cumulative ε (RDP composition)",
-                                   note=f"{f.band_points} points" + sampled if f.bands is not None else None),
+                                   note=band_note if f.bands is not None else None),
                 "ε after each step: the grey bands hold 90% and 50% of the points, the dashed line is the median "
                 "point; coloured lines follow a few points (the cheapest, the dearest and some in between, ties "
                 f"broken by the {TIE_KEY}). Where norms were recorded at checkpoints only, dashed coloured lines show "
