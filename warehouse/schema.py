@@ -169,8 +169,9 @@ def check_current(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         raise newer_than_known(version)
     if version == 0:
         raise UserError(f"{path} is not a dpledger database (create it with `dpledger init` or dpledger.init())")
-    if version != latest_version() or _meta(con, "views_sha256") != _views_digest(view_sources()):
-        raise UserError(
-            f"{path} has schema version {version} but this dpledger expects "
-            f"{latest_version()}; upgrade it with `dpledger init` or dpledger.init()"
-        )
+    if version != latest_version():
+        raise UserError(f"{path} has schema version {version} but this dpledger expects {latest_version()}; "
+                        "upgrade it with `dpledger init` or dpledger.init()")
+    if _meta(con, "views_sha256") != _views_digest(view_sources()):
+        raise UserError(f"{path} holds the views of another dpledger version; "
+                        "refresh them with `dpledger init` or dpledger.init() (the data is kept)")
