@@ -152,3 +152,7 @@ def report(
         return
     print(f"wrote {result['html']} ({len(result['sections'])} sections"
           + (f", {len(result['pngs'])} PNGs in {png}" if png else "") + ")")
+    if result["summary"].get("private") is False:
+        print("no per-example epsilon: the run was trained without DP (training curves and losses only)")
+    for item in result.get("left_out", []):
+        print(f"left out: {item['section']}: {item['reason']}")
