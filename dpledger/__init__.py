@@ -45,6 +45,7 @@ _API = {
     "train": ("dpledger.workflows", "train"),
     "sweep": ("dpledger.workflows", "sweep"),
     "account_lake": ("dpledger.lake_accounting", "account_lake"),
+    "connect_merged": ("dpledger.workflows", "connect_merged"),
     "run_demo": ("dpledger.demo", "run_demo"),
 }
 

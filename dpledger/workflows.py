@@ -15,7 +15,8 @@ from dpledger.ingest.sinks import DuckDBSink
 from dpledger.ingest.sweep import check_executor, load_config
 from dpledger.ingest.sweep import run as run_sweep
 from dpledger.ingest.worker import TrainConfig, train as train_with_sink
-from dpledger.warehouse.db import connect, resolve_db_path
+from dpledger.warehouse.db import connect, default_lake, resolve_db_path
+from dpledger.warehouse.lake import has_runs
 
 
 def train(cfg: TrainConfig, db=None, *, resume: bool = False,
@@ -32,6 +33,25 @@ def train(cfg: TrainConfig, db=None, *, resume: bool = False,
     finally:
         sink.close()
     return {**summary, **run_epsilon(db_path, summary["run_id"])}
+
+
+def connect_merged(db=None, *, on_merge: Callable[[Path, int], None] | None = None):
+    """A read-write connection to the database with the project's lake (``lake/`` beside it)
+    merged in first: every committed shard not merged yet (idempotent; a run still being
+    written is merged up to its last commit and again later). What commands that compute
+    from the rows (account, fit, ...) open."""
+    db_path = resolve_db_path(db)
+    con = connect(db_path)
+    lake = default_lake(db_path)
+    if has_runs(lake):
+        try:
+            rows = sum(r["rows"] for r in ingest_shards(con, lake))
+        except BaseException:
+            con.close()
+            raise
+        if rows and on_merge:
+            on_merge(lake, rows)
+    return con
 
 
 def run_epsilon(db, run_id: str) -> dict:

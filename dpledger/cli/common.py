@@ -108,10 +108,22 @@ def output_format(fmt: str, json_flag: bool = False) -> str:
 
 @contextmanager
 def connected(db, read_only: bool = False) -> Iterator:
-    """The warehouse at ``db`` (``--db``), closed when the command is done."""
-    from dpledger.warehouse.db import connect
+    """The warehouse at ``db`` (``--db``), closed when the command is done.
 
-    con = connect(db, read_only=read_only)
+    Read-only: the live view (database + the lake's unmerged committed shards). Read-write
+    (commands that compute from the rows: account, fit, curvature, norms): the lake's
+    committed shards are merged into the database first (idempotent), so they see every
+    committed row too.
+    """
+    from dpledger.workflows import connect_merged
+
+    if read_only:
+        from dpledger.warehouse.db import connect
+
+        con = connect(db, read_only=True)
+    else:
+        con = connect_merged(db, on_merge=lambda lake, rows: err(
+            f"merged {rows} new point-step rows from {lake} into the database"))
     try:
         yield con
     finally:
