@@ -34,10 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpledger.analysis.budget import steps_from_epochs
-from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import append_arrow, first, transaction
+from dpledger.analysis.validate import ParameterError, in_range
+from dpledger.warehouse.sqlutil import append_arrow, first
 
 from . import load
+from .steps_file import MAX_STEPS, check_run_parameters
 from .readers import (
     Source,
     bool_column,
@@ -146,6 +147,23 @@ def _extra_value(table: pa.Table, column: str, rows: np.ndarray):
     return ("varying", None)
 
 
+def _check_run(src: Source, run: dict, table: pa.Table, rows: np.ndarray) -> None:
+    """The run's DP-SGD parameters in their documented ranges (:func:`steps_file.check_run_parameters`),
+    an error at the run's first row and the column that holds the value."""
+    column_of = {target: col for col, (target, _) in RUN_PARAM_COLUMNS.items()}
+    private = run.get("private") is not False
+    try:
+        check_run_parameters(sample_rate=run.get("sample_rate"),
+                             noise_multiplier=run.get("noise_multiplier") if private else None,
+                             max_grad_norm=run.get("max_grad_norm"), batch_size=run.get("batch_size"))
+        for name in ("epochs", "lr", "target_epsilon"):
+            if run.get(name) is not None:
+                in_range(name, run[name], 0, 1e12)
+    except ParameterError as exc:
+        name = exc.params[0] if exc.params else None
+        raise src.error(str(exc), int(rows[0]), column_of.get(name)) from None
+
+
 def parse(path: str | Path, run: str | None = None, delta: float | None = None) -> ParsedFile:
     """Read and check one GLA CSV file; nothing is written."""
     table, src = read_table(path, formats=("csv",))
@@ -176,7 +194,7 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
         stem = src.path.name.split(".")[0]
         run_ids = pa.chunked_array([pa.array([stem] * n, pa.string())])
 
-    step = int_column(table, "step", src, minimum=0, what="step")
+    step = int_column(table, "step", src, minimum=0, maximum=MAX_STEPS - 1, what="step")
     point = int_column(table, "point", src, minimum=0, what="point index")
     dist = float_column(table, NORM, src, nonnegative=True, what="gradient distance")
     batch_size = float_column(table, "batch_size", src, what="batch size")
@@ -232,11 +250,15 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
                 varying.append(col)
         if varying:
             config["varying_columns"] = varying
+        _check_run(src, r, table, rows)
         q_run, b_run = r["sample_rate"], r["batch_size"]
         r["n_train"] = int(round(b_run / q_run))
         last = int(pc.max(step.take(pa.array(rows))).as_py())
         if r.get("epochs"):
             r["steps"] = max(steps_from_epochs(r["epochs"], q_run), last + 1)
+            if r["steps"] > MAX_STEPS:
+                raise src.error(f"epochs {r['epochs']} at sample rate {q_run} is {r['steps']} steps, more than "
+                                f"{MAX_STEPS}", int(rows[0]), "epochs")
             config["steps_from"] = "floor(epochs / sample_rate), at least last recorded step + 1"
         else:
             r["steps"] = last + 1
@@ -281,7 +303,7 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
 def write(con, parsed: ParsedFile) -> dict:
     """Load one parsed file in one transaction; a file ingested before is a no-op."""
     src = parsed.source
-    with transaction(con):
+    with load.write_transaction(con):
         seen = load.find_ingest(con, parsed.sha256, KIND, parsed.target)
         if seen is not None:
             return load.skipped_result(src.path, seen)
@@ -306,7 +328,7 @@ def write(con, parsed: ParsedFile) -> dict:
 def ingest_gla_csv(con, paths: list[str | Path], run: str | None = None, delta: float | None = None) -> list[dict]:
     """Ingest GLA-format CSV files. Every file is read and checked before any is
     written; then each file is loaded in its own transaction."""
-    if delta is not None and not (0 < delta < 1):
-        raise UserError(f"delta {delta} is outside (0, 1)", "delta")
+    if delta is not None:
+        in_range("delta", delta, 0, 1, high_open=True)
     parsed = [parse(p, run=run, delta=delta) for p in paths]
     return [write(con, p) for p in parsed]

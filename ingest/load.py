@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import duckdb
 import numpy as np
@@ -17,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import append_arrow, first, scalar
+from dpledger.warehouse.sqlutil import append_arrow, first, scalar, transaction
 
 from .readers import Source
 
@@ -41,6 +43,41 @@ RUN_PARAMS = (
 RUN_COLUMNS = RUN_PARAMS + ("status", "source")
 
 FACT_KEY = ("run_id", "step", "point_id")
+
+
+def database_path(con: duckdb.DuckDBPyConnection) -> str:
+    """The file of the connection's database (for messages)."""
+    row = first(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"))
+    return (row[0] if row else None) or "(in memory)"
+
+
+def _io_failure(exc: BaseException) -> BaseException | None:
+    """The failed write (DuckDB's IO error, an OSError such as ENOSPC) behind ``exc``, if any:
+    after one, DuckDB's own follow-up errors (an aborted transaction) are only echoes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (duckdb.IOException, OSError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def write_transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One transaction (:func:`warehouse.sqlutil.transaction`: all of it or none) in which
+    a write the storage refuses (a full disk, a read-only file or folder) is a one-line
+    :class:`UserError` naming the database, after the rollback."""
+    where = database_path(con)
+    try:
+        with transaction(con):
+            yield
+    except (duckdb.Error, OSError) as exc:
+        cause = _io_failure(exc)
+        if cause is None:
+            raise
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        raise UserError(f"cannot write to database {where} ({detail}); nothing of this file was written") from None
 
 
 def skipped_result(path, seen: dict) -> dict:
@@ -241,8 +278,13 @@ def insert_facts(
                 raise src.error(f"row ({what}) is already in the warehouse table {table}", row)
         names = ", ".join(rows.column_names)
         con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {name}")
-    finally:
-        con.unregister(name)
+    except BaseException:
+        try:  # after a failed write DuckDB refuses even this until the rollback: keep the first error
+            con.unregister(name)
+        except duckdb.Error:
+            pass
+        raise
+    con.unregister(name)
     return rows.num_rows
 
 

@@ -12,19 +12,21 @@ label is checked, so a shuffled order is caught rather than silently joined.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from dpledger.models.datasets import DatasetError, npz_arrays
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import transaction
 
 from . import load
-from .readers import file_sha256
+from .readers import MAX_INDEX, file_sha256
 
 KIND = "memorization"
+#: Largest array read from the file (tr_mem, tr_labels), checked from the zip directory and
+#: the array's header before it is read: 256 MiB, 32 million float64 scores.
+MAX_ARRAY_BYTES = 256 << 20
 
 
 def _index(path: Path, n: int) -> np.ndarray:
@@ -37,8 +39,8 @@ def _index(path: Path, n: int) -> np.ndarray:
     ids = np.asarray(ids).ravel()
     if ids.shape[0] != n:
         raise UserError(f"{path}: {ids.shape[0]} ids for {n} scores")
-    if not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
-        raise UserError(f"{path}: point ids must be non-negative integers")
+    if not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any() or (ids > MAX_INDEX).any():
+        raise UserError(f"{path}: point ids must be integers in [0, {MAX_INDEX}]")
     if len(np.unique(ids)) != n:
         raise UserError(f"{path}: a point id appears twice")
     return ids.astype(np.int64)
@@ -50,14 +52,25 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
     if not path.exists():
         raise UserError(f"{path}: no such file")
     try:
+        arrays = npz_arrays(path, ("tr_mem", "tr_labels"), MAX_ARRAY_BYTES)
+    except DatasetError as exc:
+        raise UserError(str(exc)) from None
+    if "tr_mem" not in arrays:
         with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            if "tr_mem" not in keys:
-                raise UserError(f"{path}: no array 'tr_mem' (the file has: {', '.join(sorted(keys)) or 'nothing'})")
-            mem = np.asarray(npz["tr_mem"], dtype=np.float64).ravel()
-            labels = np.asarray(npz["tr_labels"]).ravel() if "tr_labels" in keys else None
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+            keys = sorted(npz.files)
+        raise UserError(f"{path}: no array 'tr_mem' (the file has: {', '.join(keys) or 'nothing'})")
+    raw = arrays["tr_mem"]
+    if raw.dtype.kind not in "iuf":  # complex, bool, strings, dates: not a score
+        raise UserError(f"{path}: tr_mem holds {raw.dtype} values; expected real numbers")
+    mem = np.asarray(raw, dtype=np.float64).ravel()
+    labels = arrays.get("tr_labels")
+    if labels is not None:
+        labels = labels.ravel()
+        if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)) \
+                and np.all(np.abs(labels) < 2.0**53):
+            labels = labels.astype(np.int64)
+        if labels.dtype.kind not in "iu":
+            raise UserError(f"{path}: tr_labels holds {labels.dtype} values; expected integer class labels")
     bad = np.flatnonzero(~np.isfinite(mem))
     if bad.size:
         raise UserError(f"{path}: tr_mem[{bad[0]}] is {mem[bad[0]]}")
@@ -66,7 +79,7 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
     ids = _index(Path(index), len(mem)) if index is not None else np.arange(len(mem), dtype=np.int64)
     source = source or path.stem
     sha = file_sha256(path)
-    with transaction(con):
+    with load.write_transaction(con):
         seen = load.find_ingest(con, sha, KIND, f"{dataset}:{source}")
         if seen is not None:
             return {"path": str(path), "status": "skipped", "reason": f"already ingested on {seen['ingested_at']}",
@@ -77,8 +90,8 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
             if len(known["point_id"]):
                 lookup = dict(zip(known["point_id"].tolist(), known["label"].tolist()))
                 for pos, (pid, lab) in enumerate(zip(ids.tolist(), labels.tolist())):
-                    if pid in lookup and lookup[pid] != int(lab):
-                        raise UserError(f"{path}: position {pos} (point {pid}) has label {int(lab)} but dataset "
+                    if pid in lookup and lookup[pid] != lab:
+                        raise UserError(f"{path}: position {pos} (point {pid}) has label {lab} but dataset "
                                         f"'{dataset}' has {lookup[pid]}: the file's order differs from the "
                                         "dataset's; give index", "index")
         con.execute("DELETE FROM memorization WHERE dataset = ? AND source = ?", [dataset, source])

@@ -4,6 +4,15 @@ Every check names the file, the row (1-based data row; for CSV also the line, th
 header being line 1) and the column, so a user can find the value in an editor.
 The fast path is Arrow's typed readers; only when a check fails do we look closer
 at the offending values to say which row is wrong.
+
+Limits, checked before a file is read whole (a small compressed file can expand to
+gigabytes): at most :data:`MAX_ROWS` rows a file (Parquet: from its metadata; CSV: counted
+while streaming, so at most that many rows are ever held) and, for Parquet, at most
+:data:`MAX_BYTES` of uncompressed column data. Split larger files (by step range, say);
+each is ingested in its own transaction. Integers that index things (point ids) are at
+most :data:`MAX_INDEX` = 2^53 - 1: every such value then stays exact through any path
+that holds it as a float64 (CSV values like ``200.0``, JSON, pandas, SQL averages), and
+``+ 1`` never overflows; steps are below :data:`analysis.validate.MAX_STEPS` (10^9).
 """
 
 from __future__ import annotations
@@ -18,6 +27,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dpledger.warehouse.errors import UserError
+
+#: Most rows one CSV or Parquet file may hold.
+MAX_ROWS = 20_000_000
+#: Most uncompressed bytes of the columns read from one Parquet file (from its metadata).
+MAX_BYTES = 2 << 30
+#: Largest point id (2^53 - 1, the largest integer every float64 holds exactly).
+MAX_INDEX = 2**53 - 1
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -65,8 +81,18 @@ def file_format(path: Path) -> str:
     raise UserError(f"{path}: not a CSV or Parquet file (expected a .csv or .parquet name)")
 
 
-def read_table(path: str | Path, formats: tuple[str, ...] = ("csv", "parquet")) -> tuple[pa.Table, Source]:
-    """Read a CSV or Parquet file whole into an Arrow table."""
+def read_table(path: str | Path, formats: tuple[str, ...] = ("csv", "parquet"), *,
+               columns: list[str] | None = None, max_rows: int | None = None,
+               max_bytes: int | None = None) -> tuple[pa.Table, Source]:
+    """Read a CSV or Parquet file whole into an Arrow table.
+
+    ``columns``: the columns a file may have (any other is refused, for Parquet before
+    anything is read). A file of more than ``max_rows`` rows (or, Parquet, of more than
+    ``max_bytes`` uncompressed bytes in those columns) is refused before it is read whole
+    (defaults: :data:`MAX_ROWS`, :data:`MAX_BYTES`).
+    """
+    max_rows = MAX_ROWS if max_rows is None else max_rows
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -78,20 +104,59 @@ def read_table(path: str | Path, formats: tuple[str, ...] = ("csv", "parquet")) 
         raise src.error(f"expected a {' or '.join(f.upper() for f in formats)} file")
     try:
         if fmt == "parquet":
-            table = pq.read_table(path)
+            table = _read_parquet(path, src, columns, max_rows, max_bytes)
         else:
-            table = pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(newlines_in_values=False),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null"]),
-            )
+            table = _read_csv(path, src, max_rows)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as exc:
         what = "Parquet" if fmt == "parquet" else "CSV"
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise src.error(f"not a readable {what} file ({detail})") from None
     if fmt == "csv":
         _check_csv_header(table, src)
+    if columns is not None:
+        unknown = [c for c in table.column_names if c not in columns]
+        if unknown:
+            raise src.error(f"unexpected column '{unknown[0]}' (the columns are {', '.join(columns)})")
     return table, src
+
+
+def _too_many_rows(src: Source, rows: int | None, max_rows: int) -> UserError:
+    count = f" ({rows:,})" if rows is not None else ""
+    return src.error(f"more than {max_rows:,} rows{count}, the most one file may hold; "
+                     "split it into smaller files (by step range, say)")
+
+
+def _read_parquet(path: Path, src: Source, columns: list[str] | None, max_rows: int, max_bytes: int) -> pa.Table:
+    """Check the row count and uncompressed size in the metadata, then read."""
+    meta = pq.read_metadata(path)
+    names = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
+    if columns is not None:
+        unknown = [c for c in dict.fromkeys(names) if c not in columns]
+        if unknown:
+            raise src.error(f"unexpected column '{unknown[0]}' (the columns are {', '.join(columns)})")
+    if meta.num_rows > max_rows:
+        raise _too_many_rows(src, meta.num_rows, max_rows)
+    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    if size > max_bytes:
+        raise src.error(f"{size:,} bytes of data uncompressed, more than the {max_bytes:,} one file may "
+                        "hold; split it into smaller files")
+    return pq.read_table(path)
+
+
+def _read_csv(path: Path, src: Source, max_rows: int) -> pa.Table:
+    """Stream the file in blocks, counting rows: at most ``max_rows`` are ever held."""
+    reader = pacsv.open_csv(
+        path,
+        parse_options=pacsv.ParseOptions(newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null"]),
+    )
+    batches, rows = [], 0
+    for batch in reader:
+        rows += batch.num_rows
+        if rows > max_rows:
+            raise _too_many_rows(src, None, max_rows)
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def _check_csv_header(table: pa.Table, src: Source) -> None:
@@ -125,8 +190,6 @@ def _first(mask: pa.Array | pa.ChunkedArray) -> int | None:
 def _to_float(col: pa.ChunkedArray, src: Source, name: str) -> pa.ChunkedArray:
     if pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_decimal(col.type):
         return col.cast(pa.float64())
-    if pa.types.is_boolean(col.type):
-        return col.cast(pa.int8()).cast(pa.float64())
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         values = col.to_numpy(zero_copy_only=False)
         for i, v in enumerate(values):
@@ -171,28 +234,48 @@ def float_column(
     return col
 
 
+def _first_beyond(values: pa.ChunkedArray, compare, bound: int) -> int | None:
+    """First row where ``compare(value, bound)`` holds, comparing in the column's own type
+    (Arrow would cast a uint64 column to int64 to compare it with a Python int)."""
+    try:
+        scalar = pa.scalar(bound, values.type)
+    except (OverflowError, pa.ArrowInvalid):
+        return None  # the type cannot hold the bound: no value of it is beyond it
+    return _first(compare(values, scalar))
+
+
 def int_column(
-    table: pa.Table, name: str, src: Source, *, minimum: int | None = None, what: str = "value"
+    table: pa.Table, name: str, src: Source, *, minimum: int | None = None, maximum: int = MAX_INDEX,
+    what: str = "value",
 ) -> pa.ChunkedArray:
-    """An integer column as int64; integral floats (200.0) are accepted."""
+    """An integer column as int64, in [minimum, maximum]; integral floats (200.0) are accepted.
+
+    The range is checked before any cast, so a uint64 or a float beyond int64 is an error
+    naming its row, not an overflow."""
     raw = table.column(name)
     if pa.types.is_integer(raw.type):
-        col = raw.cast(pa.int64())
-        bad = _first(col.is_null())
+        bad = _first(raw.is_null())
         if bad is not None:
             raise src.error(f"missing {what}", bad, name)
+        values = raw
     else:
-        as_float = float_column(table, name, src, what=what)
-        frac = pc.not_equal(pc.floor(as_float), as_float)
+        values = float_column(table, name, src, what=what)
+        frac = pc.not_equal(pc.floor(values), values)
         bad = _first(frac)
         if bad is not None:
-            raise src.error(f"{what} {as_float[bad].as_py()} is not an integer", bad, name)
-        col = as_float.cast(pa.int64())
+            raise src.error(f"{what} {values[bad].as_py()} is not an integer", bad, name)
+    bad = _first_beyond(values, pc.greater, maximum)
+    if bad is not None:
+        value = values[bad].as_py()
+        value = int(value) if isinstance(value, float) else value
+        raise src.error(f"{what} {value} is above {maximum}, the largest allowed", bad, name)
     if minimum is not None:
-        bad = _first(pc.less(col, minimum))
+        bad = _first_beyond(values, pc.less, minimum)
         if bad is not None:
-            raise src.error(f"{what} {col[bad].as_py()} is below {minimum}", bad, name)
-    return col
+            value = values[bad].as_py()
+            value = int(value) if isinstance(value, float) else value
+            raise src.error(f"{what} {value} is below {minimum}", bad, name)
+    return values.cast(pa.int64())
 
 
 _TRUE = {"true", "t", "1", "yes", "y", "1.0"}

@@ -1,7 +1,9 @@
 """Generic import of per-point, per-step gradient norms written by any tool.
 
 The file (CSV or Parquet) has one row per (step, point): columns ``step``,
-``point_id``, ``grad_norm`` and optionally ``loss`` and ``sampled``. The run's DP-SGD
+``point_id``, ``grad_norm`` and optionally ``loss`` and ``sampled``; steps are whole
+numbers below :data:`MAX_STEPS` (10^9), point ids in [0, 2^53 - 1], at most
+:data:`readers.MAX_ROWS` rows a file (:mod:`ingest.readers`). The run's DP-SGD
 parameters come from the command line; the run is created if new, and a file for an
 existing run must agree with its stored parameters.
 """
@@ -14,16 +16,31 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from dpledger.analysis import validate
+from dpledger.analysis.validate import ParameterError, positive, whole
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import first, transaction
+from dpledger.warehouse.sqlutil import first
 
 from . import load
-from .readers import Source, bool_column, file_sha256, float_column, int_column, read_table, require_columns
+from .readers import (
+    MAX_INDEX,
+    Source,
+    bool_column,
+    file_sha256,
+    float_column,
+    int_column,
+    read_table,
+    require_columns,
+)
 
 KIND = "steps"
 REQUIRED = ["step", "point_id", "grad_norm"]
 OPTIONAL = ["loss", "sampled"]
 DEFAULT_DELTA = 1e-5
+
+
+#: The most steps a run may have (:data:`analysis.validate.MAX_STEPS`); a file's steps are below it.
+MAX_STEPS = validate.MAX_STEPS
 
 
 def check_run_parameters(
@@ -34,36 +51,39 @@ def check_run_parameters(
     steps: int | None = None,
     batch_size: int | None = None,
 ) -> None:
-    """Refuse impossible DP-SGD parameters, naming the parameter."""
-    checks = [
-        ("sample_rate", sample_rate, lambda v: 0 < v <= 1, "is outside (0, 1]"),
-        ("noise_multiplier", noise_multiplier, lambda v: v > 0, "must be positive"),
-        ("max_grad_norm", max_grad_norm, lambda v: v > 0, "must be positive"),
-        ("delta", delta, lambda v: 0 < v < 1, "is outside (0, 1)"),
-        ("steps", steps, lambda v: v > 0, "must be positive"),
-        ("batch_size", batch_size, lambda v: v > 0, "must be positive"),
-    ]
-    for name, value, ok, problem in checks:
-        if value is not None and not ok(value):
-            raise UserError(f"{name} {value} {problem}", name)
+    """Refuse impossible DP-SGD parameters, naming the parameter (a
+    :class:`~dpledger.analysis.validate.ParameterError`), in the ranges
+    :mod:`analysis.validate` documents (sample_rate, noise_multiplier, max_grad_norm,
+    delta, steps); batch_size is a whole number of at least 1 whose training set
+    (batch_size / sample_rate points) dpledger can number."""
+    if sample_rate is not None:
+        validate.sample_rate(sample_rate)
+    if noise_multiplier is not None:
+        validate.noise_multiplier(positive("noise_multiplier", noise_multiplier))
+    if max_grad_norm is not None:
+        validate.max_grad_norm(positive("max_grad_norm", max_grad_norm))
+    if delta is not None:
+        validate.delta(delta)
+    if steps is not None:
+        validate.steps(steps)
+    if batch_size is not None:
+        whole("batch_size", batch_size, 1, MAX_INDEX)
+        if sample_rate is not None and batch_size / sample_rate > MAX_INDEX:
+            raise ParameterError(f"batch_size {batch_size} at sample_rate {sample_rate} means a training set of "
+                                 f"{batch_size / sample_rate:.3g} points, more than dpledger numbers",
+                                 "batch_size", "sample_rate")
 
 
 def parse(path: str | Path, run: str, norms_clipped: bool = False) -> tuple[pa.Table, Source]:
-    table, src = read_table(path)
+    table, src = read_table(path, columns=REQUIRED + OPTIONAL)
     require_columns(table, src, REQUIRED)
-    unknown = [c for c in table.column_names if c not in REQUIRED + OPTIONAL]
-    if unknown:
-        raise src.error(
-            f"unexpected column '{unknown[0]}' (the columns are {', '.join(REQUIRED + OPTIONAL)})",
-            None,
-        )
     if table.num_rows == 0:
         raise src.error("the file has no rows")
     n = table.num_rows
     cols = {
         # one dictionary entry, not n strings: the run is the same on every row
         "run_id": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([run])),
-        "step": int_column(table, "step", src, minimum=0, what="step"),
+        "step": int_column(table, "step", src, minimum=0, maximum=MAX_STEPS - 1, what="step"),
         "point_id": int_column(table, "point_id", src, minimum=0, what="point id"),
         "grad_norm": float_column(table, "grad_norm", src, nonnegative=True, what="gradient norm"),
         "norm_clipped": pa.array(np.full(n, norms_clipped, dtype=bool)),
@@ -118,7 +138,7 @@ def ingest_steps(
                 "step",
                 ("steps",),
             )
-    with transaction(con):
+    with load.write_transaction(con):
         seen = load.find_ingest(con, sha, KIND, run)
         if seen is not None:
             return load.skipped_result(src.path, seen)

@@ -31,6 +31,7 @@ sweep can simply be run again after a crash.
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing as mp
 import os
 import tomllib
@@ -39,6 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from dpledger.analysis.validate import ParameterError, whole
 from dpledger.warehouse.errors import UserError
 
 from .ray_executor import import_ray, parse_address, run_sweep_ray
@@ -56,23 +58,42 @@ def _name_part(key: str, value) -> str:
     return f"{ABBREVIATIONS.get(key, key + '=')}{text}"
 
 
-def expand(config: dict, where: str = "sweep config") -> list[TrainConfig]:
-    """The runs of a sweep config (a parsed TOML document)."""
+#: The most runs a sweep may have unless the caller says more (``max_runs``): the grid's
+#: size is counted from its list lengths before any run is made.
+MAX_RUNS = 10_000
+#: The largest sweep config file read (a TOML file of a few kilobytes describes any sweep).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def expand(config: dict, where: str = "sweep config", max_runs: int = MAX_RUNS) -> list[TrainConfig]:
+    """The runs of a sweep config (a parsed TOML document); more than ``max_runs`` runs
+    (the product of the [grid] list lengths plus the [[runs]] rows) are refused before
+    any is made."""
+    max_runs = whole("max_runs", max_runs, 1)
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: not a table of sections [base], [grid], [[runs]]")
     allowed = {"base", "grid", "runs"}
-    extra = sorted(set(config) - allowed)
+    extra = sorted(set(config) - allowed, key=str)
     if extra:
         raise UserError(f"{where}: unknown section [{extra[0]}] (sections: base, grid, runs)")
-    base = dict(config.get("base", {}))
+    base = config.get("base", {})
     grid = config.get("grid", {})
     explicit = config.get("runs", [])
+    if not isinstance(base, dict):
+        raise UserError(f"{where}: [base] must be a table of options")
     if not isinstance(grid, dict) or not isinstance(explicit, list):
         raise UserError(f"{where}: [grid] is a table of lists and [[runs]] a list of tables")
+    base = dict(base)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: [grid] {key} must be a non-empty list")
+    keys = list(grid)
+    size = math.prod(len(grid[k]) for k in keys) if keys or not explicit else 0
+    if size + len(explicit) > max_runs:
+        raise UserError(f"{where}: the sweep has {size + len(explicit):,} runs, more than max_runs "
+                        f"{max_runs:,}", "max_runs")
     prefix = base.pop("run", None)
     rows: list[tuple[dict, list[str]]] = []
-    keys = list(grid)
     # no [grid]: product() of nothing is one empty combo, which is a run only if there are no [[runs]] either
     for combo in itertools.product(*(grid[k] for k in keys)) if keys or not explicit else ():
         rows.append(({**base, **dict(zip(keys, combo))}, [_name_part(k, v) for k, v in zip(keys, combo)]))
@@ -87,9 +108,12 @@ def expand(config: dict, where: str = "sweep config") -> list[TrainConfig]:
     for options, parts in rows:
         options = dict(options)
         if "run" not in options:
-            options["run"] = "-".join(([prefix] if prefix else []) + parts) or (prefix or "run")
+            options["run"] = "-".join(([str(prefix)] if prefix else []) + parts) or (str(prefix) if prefix else "run")
         cfg = TrainConfig.from_dict(options, where)
-        validate(cfg)
+        try:
+            validate(cfg)
+        except (ParameterError, UserError) as exc:  # the option as the file spells it, not a flag
+            raise UserError(f"{where}: run {cfg.run!r}: {exc}") from None
         if cfg.run in names:
             raise UserError(f"{where}: two runs are named {cfg.run!r}; give [[runs]] entries a run name")
         names.add(cfg.run)
@@ -97,15 +121,30 @@ def expand(config: dict, where: str = "sweep config") -> list[TrainConfig]:
     return configs
 
 
-def load_config(path: str | Path) -> list[TrainConfig]:
+def load_config(path: str | Path, max_runs: int = MAX_RUNS) -> list[TrainConfig]:
+    """The runs of the sweep config file ``path`` (TOML, UTF-8); see :func:`expand`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such sweep config")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a sweep config")
     try:
-        doc = tomllib.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: more than {MAX_CONFIG_BYTES:,} bytes; not a sweep config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: not a text (UTF-8) file: line {line} has byte 0x{data[exc.start]:02x}") from None
+    try:
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from None
-    return expand(doc, str(path))
+        raise UserError(f"{path}: not valid TOML ({' '.join(str(exc).split())})") from None
+    return expand(doc, str(path), max_runs=max_runs)
 
 
 def run_sweep(configs: list[TrainConfig], lake: str | Path, workers: int = 1,
@@ -166,4 +205,4 @@ def run(configs: list[TrainConfig], lake: str | Path, executor: str = "local", w
     return run_sweep(configs, lake, workers, on_done=on_done)
 
 
-__all__ = ["EXECUTORS", "check_executor", "expand", "load_config", "run", "run_sweep"]
+__all__ = ["EXECUTORS", "MAX_RUNS", "check_executor", "expand", "load_config", "run", "run_sweep"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import resource
 import socket
@@ -42,7 +43,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args, get_type_hints
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 from dpledger.analysis.budget import steps_from_epochs
 from dpledger.analysis.rdp import DEFAULT_ORDERS
+from dpledger.analysis.validate import ParameterError, in_range, positive
+from dpledger.analysis.validate import whole as _whole
 from dpledger.models.datasets import DatasetError, load_dataset
 from dpledger.models.dp_step import DPSGD
 from dpledger.models.evaluation import accuracy, evaluate_points
@@ -61,8 +64,10 @@ from dpledger.models.grad_norms import GradNormTracker
 from dpledger.models.nets import ModelError, build_model
 from dpledger.warehouse.errors import UserError
 
+from .readers import MAX_INDEX
 from .recorder import Recorder, capture_state, load_state, restore_state
 from .sinks import Sink, safe_run_id
+from .steps_file import MAX_STEPS, check_run_parameters
 
 
 @dataclass
@@ -100,11 +105,55 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
+        """A config from a mapping (a sweep file's table, a stored run's options), each
+        value of its option's type: a number for a number, text for text, true/false for
+        a switch (``where`` names the source in messages)."""
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=str)
         if unknown:
             raise UserError(f"{where}: unknown option '{unknown[0]}' (options: {', '.join(sorted(names))})")
+        for key, value in d.items():
+            problem = _type_problem(_OPTION_TYPES[key], value)
+            if problem:
+                raise UserError(f"{where}: {key} = {_show(value)} {problem}")
         return cls(**d)
+
+
+def _option_types() -> dict[str, set[type]]:
+    hints = get_type_hints(TrainConfig)
+    return {name: {t for t in (get_args(hint) or (hint,)) if t is not type(None)} | (
+        {type(None)} if type(None) in get_args(hint) else set()) for name, hint in hints.items()}
+
+
+def _show(value) -> str:
+    """A value as a config file spells it (true, 'five', 1.5), cut short."""
+    text = str(value).lower() if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_problem(types: set[type], value) -> str | None:
+    """Why ``value`` is not of one of ``types`` (None if it is)."""
+    if value is None:
+        return None if type(None) in types else "must be given a value"
+    if bool in types:
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(value, (bool, np.bool_)):  # a bool is an int in Python; not in a config
+        pass
+    elif int in types and isinstance(value, numbers.Integral):
+        return None
+    elif float in types and isinstance(value, numbers.Real):
+        return None
+    elif str in types and isinstance(value, str):
+        return None
+    if float in types:
+        return "must be a number"
+    if int in types:
+        return "must be a whole number"
+    return "must be text"
+
+
+_OPTION_TYPES = _option_types()
+_OPTION_TYPES["track"] = {str, int}  # all, none, a file, or a number of points (track = 100 in a sweep file)
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -120,34 +169,58 @@ def default_run_name(cfg: TrainConfig) -> str:
     return "-".join(parts)
 
 
+#: Documented ranges of the numeric options (besides those of
+#: :func:`ingest.steps_file.check_run_parameters`: noise_multiplier, max_grad_norm, delta).
+MAX_EPOCHS = 1e6
+MAX_LR = 1e6
+MAX_TARGET_EPSILON = 1e6
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 4096
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Refuse impossible options, naming the option (before any data is read)."""
-    checks = [
-        ("epochs", cfg.epochs > 0, "must be positive"),
-        ("batch_size", cfg.batch_size >= 1, "must be at least 1"),
-        ("lr", cfg.lr > 0, "must be positive"),
-        ("momentum", cfg.momentum >= 0, "must be >= 0"),
-        ("max_grad_norm", cfg.max_grad_norm > 0, "must be positive"),
-        ("delta", 0 < cfg.delta < 1, "is outside (0, 1)"),
-        ("track_every", cfg.track_every >= 1, "must be at least 1"),
-        ("commit_every", cfg.commit_every is None or cfg.commit_every >= 1, "must be at least 1"),
-        ("commit_seconds", cfg.commit_seconds > 0, "must be positive"),
-        ("eval_every", cfg.eval_every is None or cfg.eval_every >= 1, "must be at least 1"),
-        ("subset_ratio", cfg.subset_ratio is None or 0 < cfg.subset_ratio <= 1, "is outside (0, 1]"),
-        ("threads", cfg.threads is None or cfg.threads >= 1, "must be at least 1"),
-        ("test_fraction", 0 < cfg.test_fraction < 1, "is outside (0, 1)"),
-    ]
-    for name, ok, problem in checks:
-        if not ok:
-            raise UserError(f"{name} {getattr(cfg, name)} {problem}", name)
+    """Refuse impossible options, naming the option (before any data is read); raises
+    :class:`~dpledger.analysis.validate.ParameterError` for a number outside its range
+    (every number must be finite): epochs in (0, :data:`MAX_EPOCHS`]; batch_size >= 1;
+    lr in (0, :data:`MAX_LR`]; momentum in [0, 1]; max_grad_norm, noise_multiplier, delta
+    as :func:`ingest.steps_file.check_run_parameters`; target_epsilon in (0,
+    :data:`MAX_TARGET_EPSILON`]; seed and data_seed in [0, :data:`MAX_SEED`]; track_every,
+    commit_every, eval_every >= 1; commit_seconds > 0; n_train >= 1, n_test >= 0;
+    subset_ratio in (0, 1]; test_fraction in (0, 1); threads in [1, :data:`MAX_THREADS`]."""
+    for name, types in _OPTION_TYPES.items():
+        problem = _type_problem(types, getattr(cfg, name))
+        if problem:
+            raise ParameterError(f"{name} {_show(getattr(cfg, name))} {problem}", name)
+    def whole(name, value, low=1, high=None):  # numpy integers are whole numbers too
+        return _whole(name, int(value) if isinstance(value, numbers.Integral) else value, low, high)
+
+    in_range("epochs", positive("epochs", cfg.epochs), 0, MAX_EPOCHS)
+    whole("batch_size", cfg.batch_size, 1, MAX_INDEX)
+    in_range("lr", positive("lr", cfg.lr), 0, MAX_LR)
+    in_range("momentum", cfg.momentum, 0, 1, low_open=False)
+    positive("commit_seconds", cfg.commit_seconds)
+    whole("seed", cfg.seed, 0, MAX_SEED)
+    whole("data_seed", cfg.data_seed, 0, MAX_SEED)
+    whole("track_every", cfg.track_every, 1)
+    for name in ("commit_every", "eval_every", "n_train"):
+        if getattr(cfg, name) is not None:
+            whole(name, getattr(cfg, name), 1)
+    if cfg.n_test is not None:
+        whole("n_test", cfg.n_test, 0)
+    if cfg.threads is not None:
+        whole("threads", cfg.threads, 1, MAX_THREADS)
+    if cfg.subset_ratio is not None:
+        in_range("subset_ratio", cfg.subset_ratio, 0, 1)
+    in_range("test_fraction", cfg.test_fraction, 0, 1, high_open=True)
+    check_run_parameters(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
     if not cfg.disable_dp:
         if (cfg.noise_multiplier is None) == (cfg.target_epsilon is None):
             raise UserError("give noise_multiplier or target_epsilon (one of them), or disable_dp",
                             "noise_multiplier", "target_epsilon", "disable_dp")
-        if cfg.noise_multiplier is not None and not cfg.noise_multiplier > 0:
-            raise UserError(f"noise_multiplier {cfg.noise_multiplier} must be positive", "noise_multiplier")
-        if cfg.target_epsilon is not None and not cfg.target_epsilon > 0:
-            raise UserError(f"target_epsilon {cfg.target_epsilon} must be positive", "target_epsilon")
+        if cfg.noise_multiplier is not None:
+            check_run_parameters(noise_multiplier=cfg.noise_multiplier)
+        if cfg.target_epsilon is not None:
+            in_range("target_epsilon", positive("target_epsilon", cfg.target_epsilon), 0, MAX_TARGET_EPSILON)
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise UserError(f"device {cfg.device}: expected cpu or cuda", "device")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -284,6 +357,8 @@ def plan_run(cfg: TrainConfig, db_dir: Path | None, torch_threads: int) -> RunPl
     total = steps_from_epochs(cfg.epochs, q)
     if total < 1:
         raise UserError(f"epochs {cfg.epochs} at sample rate {q:g} is less than one step", "epochs")
+    if total > MAX_STEPS:
+        raise UserError(f"epochs {cfg.epochs} at sample rate {q:g} is {total} steps, more than {MAX_STEPS}", "epochs")
     sigma = _noise_multiplier(cfg, q, total)
     private = sigma is not None
     track_ids = tracked_points(cfg.track, members, n_all)

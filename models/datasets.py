@@ -73,7 +73,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "load_dataset"]
+__all__ = ["DATASETS", "MAX_ARRAY_BYTES", "MAX_CLASSES", "Dataset", "DatasetError", "load_dataset", "npz_arrays"]
+
+#: Largest array a dataset's .npz (or an IDX file, unzipped) may hold, checked from the zip
+#: directory and the array's header before it is read (a small file can unzip to gigabytes).
+MAX_ARRAY_BYTES = 4 << 30
+#: Most classes a dataset's labels may name (the model's output layer has one unit each).
+MAX_CLASSES = 100_000
 
 
 class DatasetError(Exception):
@@ -392,17 +398,46 @@ def _finish_split(ctx: _Context, x: np.ndarray, y: np.ndarray, *, num_classes: i
                    raw_train=None if raw is None else raw[tr], raw_test=None if raw is None else raw[te])
 
 
-def _read_bytes(path: Path) -> bytes:
-    """A file's bytes, gunzipped when its name ends in .gz; OS/gzip errors become DatasetError."""
+def _read_bytes(path: Path, limit: int = MAX_ARRAY_BYTES) -> bytes:
+    """A file's bytes, gunzipped when its name ends in .gz (at most ``limit`` of them);
+    OS/gzip errors become DatasetError."""
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+                data = f.read(limit + 1)
+        else:
+            if path.stat().st_size > limit:
+                raise DatasetError(f"{path}: {path.stat().st_size:,} bytes, more than the {limit:,} allowed")
+            data = path.read_bytes()
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut .gz gives EOFError
         raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if len(data) > limit:
+        raise DatasetError(f"{path}: unzips to more than the {limit:,} bytes allowed")
+    return data
+
+
+def _idx_limit(path: Path) -> int:
+    """The bytes an IDX file may unzip to: its header's own size (read first), if within
+    :data:`MAX_ARRAY_BYTES`, so a gzip bomb is refused before it is unzipped."""
+    if not path.name.endswith(".gz"):
+        return MAX_ARRAY_BYTES
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            dims = f.read(4 * ndim)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if len(dims) < 4 * ndim:
+        return MAX_ARRAY_BYTES  # truncated: _read_idx says so
+    size = 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", dims))
+    if size > MAX_ARRAY_BYTES:
+        raise DatasetError(f"{path}: its header says {size:,} bytes, more than the {MAX_ARRAY_BYTES:,} allowed")
+    return size + 1  # one more: trailing bytes are seen (and refused) by _read_idx
 
 
 def _require_dir(path: Path, name: str) -> Path:
@@ -488,7 +523,7 @@ def _find_idx(folder: Path, stem: str, name: str) -> Path:
 
 def _read_idx(path: Path, magic_expected: int) -> np.ndarray:
     """An IDX array of unsigned bytes, with its header checked against the file size."""
-    data = _read_bytes(path)
+    data = _read_bytes(path, _idx_limit(path))
     what = "images" if magic_expected == _IDX_IMAGES else "labels"
     if len(data) < 4:
         raise DatasetError(f"{path}: truncated IDX file ({len(data)} bytes, no header)")
@@ -728,6 +763,44 @@ def _load_fairface(ctx: _Context, target: Any = "race", image_size: Any = 32) ->
 # --------------------------------------------------------------------------- npz
 
 
+def npz_arrays(path: Path, keys: Iterable[str], max_bytes: int = MAX_ARRAY_BYTES) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an .npz file (those it has), each checked before it is read:
+    at most ``max_bytes`` uncompressed (zip directory) and by its .npy header (shape x
+    item size), and no Python objects. Other members are not read."""
+    import numpy.lib.format as npy
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {info.filename[:-4] if info.filename.endswith(".npy") else info.filename: info
+                       for info in zf.infolist()}
+            for key in keys:
+                info = members.get(key)
+                if info is None:
+                    continue
+                if info.file_size > max_bytes:
+                    raise DatasetError(f"{path}: array {key!r} unzips to {info.file_size:,} bytes, more than "
+                                       f"the {max_bytes:,} allowed")
+                with zf.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(f)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = npy.read_array_header_2_0(f)
+                    else:
+                        raise DatasetError(f"{path}: array {key!r} has .npy format version {version}")
+                if dtype.hasobject:
+                    raise DatasetError(f"{path}: array {key!r} holds Python objects; expected numbers")
+                size = math.prod(shape) * dtype.itemsize
+                if size > max_bytes:
+                    raise DatasetError(f"{path}: array {key!r} of shape {shape} is {size:,} bytes, more than "
+                                       f"the {max_bytes:,} allowed")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys if k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     """x as (N, H, W) or (N, H, W, 3), uint8 or float32, checked."""
     if x.ndim == 2:
@@ -768,7 +841,7 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int, x_key: str) -> np.n
     if len(y) != n:
         raise DatasetError(f"{path}: key {x_key!r} has {n} points but key {key!r} has {len(y)} labels")
     if y.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) >= 2.0**62))
         if bad.size:
             raise DatasetError(f"{path}: key {key!r} holds a non-integer label {y[bad[0]]} at index {bad[0]}")
     elif y.dtype.kind not in "iu":
@@ -777,7 +850,16 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int, x_key: str) -> np.n
     bad = np.flatnonzero(y < 0)
     if bad.size:
         raise DatasetError(f"{path}: key {key!r} holds a negative label {y[bad[0]]} at index {bad[0]}")
+    bad = np.flatnonzero(y >= MAX_CLASSES)
+    if bad.size:
+        raise DatasetError(f"{path}: key {key!r} holds label {y[bad[0]]} at index {bad[0]}; labels are class "
+                           f"numbers below {MAX_CLASSES:,}")
     return y
+
+
+def _npz_keys(path: Path) -> list[str]:
+    with np.load(path, allow_pickle=False) as z:
+        return list(z.files)
 
 
 def _load_npz(ctx: _Context) -> Dataset:
@@ -786,14 +868,10 @@ def _load_npz(ctx: _Context) -> Dataset:
         raise DatasetError(f"{path}: a folder; npz expects {_EXPECTS['npz']}")
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (npz expects {_EXPECTS['npz']})")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    arrays = npz_arrays(path, ("x", "y", "x_test", "y_test"))
     for key in ("x", "y"):
         if key not in arrays:
-            raise DatasetError(f"{path}: missing key {key!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
+            raise DatasetError(f"{path}: missing key {key!r} (has: {', '.join(sorted(_npz_keys(path))) or 'nothing'})")
     if ("x_test" in arrays) != ("y_test" in arrays):
         have, lack = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
         raise DatasetError(f"{path}: has key {have!r} but not {lack!r}; give both or neither")

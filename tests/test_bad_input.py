@@ -49,7 +49,7 @@ def _bad_steps_cases(tmp_path):
         "bad boolean": (_write_csv(tmp_path / "bb.csv", "step,point_id,grad_norm,sampled\n0,0,1,maybe\n"), [],
                         ["bb.csv", "row 1", "column 'sampled'", "not a boolean"]),
         "bad sample rate": (_write_csv(tmp_path / "ok1.csv", g), ["--sample-rate", "1.5"],
-                            ["--sample-rate", "outside (0, 1]"]),
+                            ["--sample-rate 1.5 is outside [1e-12, 1]"]),
         "bad noise": (_write_csv(tmp_path / "ok2.csv", g), ["--noise-multiplier", "-1"],
                       ["--noise-multiplier", "must be positive"]),
         "bad delta": (_write_csv(tmp_path / "ok3.csv", g), ["--delta", "1"], ["--delta", "outside (0, 1)"]),
