@@ -126,6 +126,13 @@ def _drop(col):
     return edit
 
 
+def _set_all(col, value):
+    def edit(header, rows):
+        for r in rows:
+            r[header.index(col)] = value
+    return edit
+
+
 GLA_CASES = {
     "negative distance": (_set("distance (sum)", 4, "-0.001"), ["row 5 (line 6)", "'distance (sum)'", "negative"]),
     "nan distance": (_set("distance (sum)", 9, "nan"), ["row 10", "'distance (sum)'", "NaN"]),
@@ -135,6 +142,9 @@ GLA_CASES = {
     "negative step": (_set("step", 3, "-200"), ["row 4", "column 'step'", "below 0"]),
     "missing point column": (_drop("point"), ["missing column 'point'"]),
     "sample rate above 1": (_set("p", 0, "1.5"), ["row 1", "column 'p'", "outside (0, 1]"]),
+    # the run's parameters in analysis.validate's ranges, named by the file's column
+    "tiny sigma": (_set_all("sigma", "1e-160"), ["row 1", "column 'sigma'", "noise_multiplier 1e-160 is outside"]),
+    "tiny sample rate": (_set_all("p", "1e-300"), ["row 1", "column 'p'", "sample_rate 1e-300 is outside [1e-12, 1]"]),
 }
 
 
