@@ -12,9 +12,10 @@ from typing import Callable
 
 from dpledger.ingest.shards import ingest_shards
 from dpledger.ingest.sinks import DuckDBSink
-from dpledger.ingest.sweep import check_executor, load_config
+from dpledger.ingest.sweep import MAX_RUNS, check_executor, load_config
 from dpledger.ingest.sweep import run as run_sweep
-from dpledger.ingest.worker import TrainConfig, train as train_with_sink
+from dpledger.ingest.worker import TrainConfig, validate
+from dpledger.ingest.worker import train as train_with_sink
 from dpledger.warehouse.db import connect, default_lake, resolve_db_path
 from dpledger.warehouse.lake import has_runs
 
@@ -27,6 +28,8 @@ def train(cfg: TrainConfig, db=None, *, resume: bool = False,
     and resume state go to ``runs/`` beside the database.
     """
     db_path = resolve_db_path(db)
+    if not resume:
+        validate(cfg)  # bad options fail before a database is created
     sink = DuckDBSink(db_path)
     try:
         summary = train_with_sink(cfg, sink, resume=resume, db_dir=db_path.resolve().parent, on_progress=on_progress)
@@ -69,15 +72,16 @@ def run_epsilon(db, run_id: str) -> dict:
 
 
 def sweep(config: str | Path | list[TrainConfig], db=None, *, lake: str | Path | None = None,
-          executor: str = "local", workers: int = 1, address: str | None = None,
+          executor: str = "local", workers: int = 1, address: str | None = None, max_runs: int = MAX_RUNS,
           on_done: Callable[[dict, int, int], None] | None = None) -> dict:
     """Train a grid of runs (a TOML file, or configs) into a Parquet lake, then merge it into ``db``.
 
-    The lake defaults to ``lake/`` beside the database. Returns ``{"runs": [...], "merged": [...],
+    The lake defaults to ``lake/`` beside the database. A grid of more than ``max_runs``
+    runs is refused before anything is expanded. Returns ``{"runs": [...], "merged": [...],
     "lake": ..., "db": ...}``; failed runs are in ``runs`` with their error.
     """
     check_executor(executor, workers, address)
-    configs = config if isinstance(config, list) else load_config(config)
+    configs = config if isinstance(config, list) else load_config(config, max_runs=max_runs)
     db_path = resolve_db_path(db)
     lake_dir = Path(lake) if lake is not None else db_path.resolve().parent / "lake"
     connect(db_path).close()  # a bad database path fails now, not after training

@@ -228,7 +228,6 @@ def test_a_database_in_a_read_only_folder(good_db, tmp_path, cli):
     assert table_snapshot(good_db) == before
 
 
-@pytest.mark.xfail(strict=True, reason="warehouse/schema.py upgrade() migrates any DuckDB file (the lead's fix)")
 def test_another_applications_duckdb_file_is_left_alone(tmp_path, cli):
     other = tmp_path / "other.duckdb"
     con = duckdb.connect(str(other))

@@ -137,6 +137,13 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
     pending = [m for m in migrations() if m.version > current]
     if current > latest_version():
         raise newer_than_known(current)
+    if current == 0:
+        theirs = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' ORDER BY 1 LIMIT 6").fetchall()]
+        if theirs:  # another application's database: never alter its tables
+            raise UserError(f"{current_path(con)} is not a dpledger database (it holds tables of another "
+                            f"application: {', '.join(theirs)}); give dpledger a database of its own")
     for m in pending:
         with transaction(con):
             con.execute(
@@ -160,6 +167,12 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
 def newer_than_known(version: int) -> UserError:
     return UserError(f"the database has schema version {version}, newer than this dpledger knows "
                      f"({latest_version()}); upgrade dpledger (pip install -U dpledger)")
+
+
+def current_path(con: duckdb.DuckDBPyConnection) -> str:
+    """The file of the connection's current database (``:memory:`` for none)."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    return (row[0][0] if row else None) or ":memory:"
 
 
 def check_current(con: duckdb.DuckDBPyConnection, path: Path) -> None:

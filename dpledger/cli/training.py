@@ -98,15 +98,20 @@ def sweep(
     lake: Annotated[Optional[Path], typer.Option(help="Folder for the runs' Parquet shards (default: lake/ next to the database).")] = None,
     executor: Annotated[str, typer.Option(help="local: worker processes here; ray: one Ray task per run.")] = "local",
     address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster (--executor ray); without it a local one is started. The lake must be storage every node sees.", show_default=False)] = None,
+    max_runs: Annotated[Optional[int], typer.Option(help="Refuse a grid of more runs than this, checked before expanding it (default: 10,000).", show_default=False)] = None,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
     """Train a grid of runs across local processes or a Ray cluster into a Parquet lake, then merge it into the database."""
+    from dpledger.ingest.sweep import check_executor, load_config
     from dpledger.workflows import sweep as do_sweep
 
-    with progress("sweep", "runs", disable=json) as update:
-        update(description=f"sweep ({workers} workers)" if executor == "local" else "sweep (ray)")
-        out = do_sweep(config, db, lake=lake, executor=executor, workers=workers, address=address,
+    check_executor(executor, workers, address)
+    # a bad config is one line, before any progress; the library holds the default limit
+    configs = load_config(config) if max_runs is None else load_config(config, max_runs=max_runs)
+    with progress(f"sweep ({workers} workers)" if executor == "local" else "sweep (ray)", "runs",
+                  disable=json) as update:
+        out = do_sweep(configs, db, lake=lake, executor=executor, workers=workers, address=address,
                        on_done=lambda r, i, n: update(completed=i, total=n, description=f"done {r['run_id']}"))
     results, merged = out["runs"], out["merged"]
     failed = [r for r in results if r.get("status") == "failed"]
