@@ -22,8 +22,8 @@ from dpledger.analysis.rdp import dp_epsilon
 from conftest import query_rows
 
 RUN = "digits-logreg-s0-n1"
-TRAIN = ["train", "--dataset", "digits", "--model", "logreg", "--n-train", "60", "--batch-size", "20", "--epochs", "2",
-         "--track", "all", "--noise-multiplier", "1.0", "--max-grad-norm", "7.5"]  # C inside the norms: a spread of ε
+TRAIN = ["train", "--dataset", "digits", "--model", "logreg", "--n-train", "100", "--batch-size", "10",
+         "--epochs", "1", "--track", "all", "--noise-multiplier", "1.0", "--max-grad-norm", "7.5"]  # C inside the norms: ε spread
 QUANTILE_KEYS = ["epsilon_min", "epsilon_p05", "epsilon_median", "epsilon_p95", "epsilon_max"]
 FIELDS = {"run_id", "status", "step", "steps", "steps_per_s", "loss", "loss_step", "test_accuracy",
           "test_accuracy_step", "delta", "epsilon", "epsilon_planned", "points", *QUANTILE_KEYS, "points_at_cap", "grid"}
@@ -49,21 +49,21 @@ def test_watch_json_on_a_finished_run(finished, cli):
     (row,) = frame
     assert set(row) == FIELDS
     q, sigma, delta, steps = query_rows(finished, "SELECT sample_rate, noise_multiplier, delta, steps FROM runs")[0]
-    assert row["status"] == "finished" and row["step"] == steps == 6 and row["steps"] == 6
-    assert row["epsilon"] == pytest.approx(dp_epsilon(q, sigma, 6, delta)[0], rel=1e-12)
+    assert row["status"] == "finished" and row["step"] == steps == 10 and row["steps"] == 10
+    assert row["epsilon"] == pytest.approx(dp_epsilon(q, sigma, 10, delta)[0], rel=1e-12)
     assert row["epsilon_planned"] == pytest.approx(row["epsilon"], rel=1e-12)
-    loss, = query_rows(finished, "SELECT loss FROM steps WHERE step = 5")[0]
+    loss, = query_rows(finished, "SELECT loss FROM steps WHERE step = 9")[0]
     acc, = query_rows(finished, "SELECT test_accuracy FROM steps WHERE NOT isnan(test_accuracy) ORDER BY step DESC")[0]
-    assert row["loss"] == loss and row["loss_step"] == 5 and row["test_accuracy"] == acc
-    assert row["points"] == 60 and row["grid"] == 256 and row["steps_per_s"] > 0
+    assert row["loss"] == loss and row["loss_step"] == 9 and row["test_accuracy"] == acc
+    assert row["points"] == 100 and row["grid"] == 256 and row["steps_per_s"] > 0
     eps = [row[k] for k in QUANTILE_KEYS]
     assert eps == sorted(eps) and eps[0] > 0
     assert eps[-1] <= row["epsilon"] * (1 + 1e-9)  # no example pays more than the run
     # points at the cap: recorded at the clip at every step, so their ε is the run's
     capped = query_rows(finished, "SELECT count(*) FROM (SELECT point_id FROM point_steps GROUP BY 1 "
-                                  "HAVING min(grad_norm) >= 7.5 AND count(*) = 6)")[0][0]
+                                  "HAVING min(grad_norm) >= 7.5 AND count(*) = 10)")[0][0]
     assert row["points_at_cap"] == capped
-    assert 0 < capped < 60 and row["epsilon_max"] == pytest.approx(row["epsilon"], rel=1e-9)
+    assert 0 < capped < 100 and row["epsilon_max"] == pytest.approx(row["epsilon"], rel=1e-9)
 
     # what `dpledger account` then stores, exact: watch's coarse grid is an upper bound of it, and close
     assert cli("account", "--exact", "--db", finished).rc == 0
@@ -71,17 +71,27 @@ def test_watch_json_on_a_finished_run(finished, cli):
     exact = np.quantile(stored, [0, 0.05, 0.5, 0.95, 1])
     assert np.all(np.array(eps) >= exact * (1 - 1e-12))
     np.testing.assert_allclose(eps, exact, rtol=1e-3)
-    # and the stored tabulated path at the watch's grid gives the same numbers as the incremental sum
-    assert cli("account", "--grid", "256", "--db", finished).rc == 0
-    stored = np.array([e for (e,) in query_rows(finished, "SELECT epsilon FROM point_epsilon WHERE run_id = ?", [RUN])])
-    np.testing.assert_allclose(eps, np.quantile(stored, [0, 0.05, 0.5, 0.95, 1]), rtol=1e-9)
+    # the accounting's tabulated composition on the watch's grid gives the incremental sum's numbers
+    from dpledger import warehouse
+    from dpledger.warehouse.account_rdp import compose_recorded
+    from dpledger.warehouse.runs import load_run
+
+    con = warehouse.connect(finished, read_only=True)
+    try:
+        run = load_run(con, RUN)
+        _, composed, covered = compose_recorded(con, run, gridmod.tabulate(q, sigma, 256))[:3]  # no delta: no refining
+    finally:
+        con.close()
+    assert np.all(covered == 10)
+    tabulated, _ = composition.epsilon(composed, delta)
+    np.testing.assert_allclose(eps, np.quantile(tabulated, [0, 0.05, 0.5, 0.95, 1]), rtol=1e-9)
 
 
 def test_watch_plain_table_and_bad_options(finished, cli):
     r = cli("watch", RUN, "--db", finished)
     assert r.rc == 0, r
     header, row = [line for line in r.out.splitlines() if line.strip()][1:3]
-    assert header.split()[:3] == ["run", "status", "step"] and row.split()[:3] == [RUN, "finished", "6/6"]
+    assert header.split()[:3] == ["run", "status", "step"] and row.split()[:3] == [RUN, "finished", "10/10"]
     # nothing running and no names: says so, exits 0 (JSON: an empty frame)
     r = cli("watch", "--db", finished, "--json")
     assert r.rc == 0 and _lines(r.out) == [[]] and "no running runs" in r.err
@@ -129,7 +139,7 @@ def _hashes(folder: Path) -> dict:
 
 def test_watch_a_run_another_process_writes(tmp_path, cli):
     config = tmp_path / "sweep.toml"
-    config.write_text('[base]\ndataset = "digits"\nmodel = "logreg"\nepochs = 30\nn_train = 300\nbatch_size = 10\n'
+    config.write_text('[base]\ndataset = "digits"\nmodel = "logreg"\nepochs = 15\nn_train = 300\nbatch_size = 10\n'
                       'track = "all"\nnoise_multiplier = 1.0\nmax_grad_norm = 7.5\ncommit_every = 10\n'
                       '[grid]\nseed = [0]\n')
     db = tmp_path / "s.duckdb"
@@ -155,10 +165,10 @@ def test_watch_a_run_another_process_writes(tmp_path, cli):
     assert len(running) >= 2, [(x["status"], x["step"]) for x in rows]
     steps = [x["step"] for x in rows]
     assert steps == sorted(steps) and len(set(x["step"] for x in running)) >= 2  # it moves
-    assert rows[-1]["status"] == "finished" and rows[-1]["step"] == rows[-1]["steps"] == 900
+    assert rows[-1]["status"] == "finished" and rows[-1]["step"] == rows[-1]["steps"] == 450
     assert all(x["status"] == "running" for x in rows[:-1])  # stopped right after the run finished
     for x in running:
-        assert 0 < x["step"] < 900 and x["steps"] == 900
+        assert 0 < x["step"] < 450 and x["steps"] == 450
         assert x["epsilon"] == pytest.approx(dp_epsilon(1 / 30, 1.0, x["step"], 1e-5)[0], rel=1e-12)
         assert x["epsilon_max"] <= x["epsilon"] * (1 + 1e-9) and x["points"] == 300
     for a, b in zip(rows, rows[1:]):  # ε so far never decreases

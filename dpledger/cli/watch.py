@@ -97,7 +97,7 @@ def watch(
     from rich.console import Console
 
     console = Console()
-    live_view = None if json or not console.is_terminal else _live(console)
+    live_view = None if json or not console.is_terminal else _LazyLive(console)
     cache, watched, n = LiveCache(), list(dict.fromkeys(run or [])), 0
     try:
         while True:
@@ -139,15 +139,20 @@ def watch(
             live_view.stop()
 
 
-def _live(console):
-    from rich.live import Live
+class _LazyLive:
+    """rich's ``Live`` on the terminal, started by the first table (nothing to clear before)."""
 
-    view = Live(console=console, auto_refresh=False, transient=False)
-    view.start()
-    original = view.update
+    def __init__(self, console):
+        self.console, self.view = console, None
 
-    def update(renderable):
-        original(renderable, refresh=True)
+    def update(self, renderable) -> None:
+        if self.view is None:
+            from rich.live import Live
 
-    view.update = update
-    return view
+            self.view = Live(console=self.console, auto_refresh=False, transient=False)
+            self.view.start()
+        self.view.update(renderable, refresh=True)
+
+    def stop(self) -> None:
+        if self.view is not None:
+            self.view.stop()
