@@ -5,7 +5,10 @@ A lake holds one folder per run, ``run_id=<id>/``, written by :class:`ingest.sin
 ``run.json`` (the run's parameters), ``points.parquet``, optionally
 ``membership.parquet``, the shards ``<table>/part-<worker>-<seq>.parquet`` and
 ``manifest.json``, which lists the committed shards. Files the manifest does not
-list (a worker killed mid-write leaves at most a temporary file) are not read.
+list (what a crash can leave: a temporary file, a shard renamed into place but never
+listed, a writer's lock) are not read. Every file is taken through
+:func:`dpledger.warehouse.lake.run_file`, the readers' own rule: a manifest path (or a
+symlink) leading out of the run's folder is refused with one line.
 
 Every listed file is read and checked before anything is written, and the whole
 merge is one transaction: a missing, truncated or wrong-schema shard is named in a
@@ -23,13 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.lake import listed_files, run_file
 from dpledger.warehouse.sqlutil import append_arrow, transaction
 
 from . import load
-from .readers import Source, file_sha256, float_column, int_column
+from .readers import Source, bool_column, file_sha256, float_column, int_column
 
+# the columns a shard of each table must have: the table's NOT NULL columns but run_id
+# (tests/test_lake_safety.py checks them against the schema)
 REQUIRED = {
-    "point_steps": {"step", "point_id", "grad_norm"},
+    "point_steps": {"step", "point_id", "grad_norm", "norm_clipped"},
     "steps": {"step"},
     "evaluations": {"step", "point_id"},
     "checkpoints": {"step", "path"},
@@ -51,6 +57,8 @@ def _read(path: Path, required: set[str]) -> pa.Table:
         float_column(table, "grad_norm", src, nonnegative=True, what="gradient norm")
         int_column(table, "step", src, minimum=0, what="step")
         int_column(table, "point_id", src, minimum=0, what="point id")
+    if "norm_clipped" in required:
+        bool_column(table, "norm_clipped", src, allow_null=False)
     return table
 
 
@@ -90,23 +98,22 @@ def plan(lake: str | Path) -> list[dict]:
         manifest_path = d / "manifest.json"
         if not manifest_path.exists():
             continue  # a run that never committed anything
-        manifest, run = _read_json(manifest_path), _read_json(d / "run.json")
+        manifest, run = _read_json(run_file(d, "manifest.json", d)), _read_json(run_file(d, "run.json", d))
         if run.get("run_id") != d.name.split("=", 1)[1]:
             raise UserError(f"{d / 'run.json'}: run_id {run.get('run_id')!r} does not match its folder")
         files = []
-        for shard in manifest.get("shards", []):
-            for table, info in shard.get("files", {}).items():
-                if table not in REQUIRED:
-                    raise UserError(f"{manifest_path}: unknown table {table!r} in shard {shard.get('seq')}")
-                path = d / info["path"]
-                if not path.exists():
-                    raise UserError(f"{path}: listed in {manifest_path} but missing")
-                rows = _read(path, REQUIRED[table])
-                if rows.num_rows != info.get("rows"):
-                    raise UserError(f"{path}: {rows.num_rows} rows, but the manifest says {info.get('rows')}")
-                files.append({"table": table, "path": path, "rows": rows})
-        points = _read(d / "points.parquet", {"dataset", "point_id"}) if (d / "points.parquet").exists() else None
-        membership = _read(d / "membership.parquet", {"run_id", "point_id", "in_train"}) \
+        for table, path, listed_rows in listed_files(d, manifest, manifest_path):
+            if table not in REQUIRED:
+                raise UserError(f"{manifest_path}: unknown table {table!r}")
+            if not path.exists():
+                raise UserError(f"{path}: listed in {manifest_path} but missing")
+            rows = _read(path, REQUIRED[table])
+            if rows.num_rows != listed_rows:
+                raise UserError(f"{path}: {rows.num_rows} rows, but the manifest says {listed_rows}")
+            files.append({"table": table, "path": path, "rows": rows})
+        points = _read(run_file(d, "points.parquet", d), {"dataset", "point_id"}) \
+            if (d / "points.parquet").exists() else None
+        membership = _read(run_file(d, "membership.parquet", d), {"run_id", "point_id", "in_train"}) \
             if (d / "membership.parquet").exists() else None
         out.append({"dir": d, "run": run, "manifest": manifest, "files": files, "points": points,
                     "membership": membership})

@@ -12,16 +12,31 @@ one neither duplicates nor skips rows:
   (temporary name, then rename: :mod:`ingest.atomic`), then replaces the run's
   ``manifest.json`` (again temporary name + rename). A shard exists for readers only once the manifest lists
   it; ``dpledger ingest shards`` merges committed shards into a database, idempotently.
+
+One writer per run: a :class:`ShardSink` holds the run's lock (:class:`RunLock`, the file
+``writer.lock`` in the run's folder, made with ``O_CREAT | O_EXCL`` and holding the owner's
+pid, host and process start time) from its first write of the run (or an explicit
+:meth:`ShardSink.acquire`) until :meth:`ShardSink.finish` or :meth:`ShardSink.close`. A
+second writer of the run gets :class:`RunLocked` ("locked by pid N on host H"): a sweep
+skips the run, a training call fails with one line. A lock whose pid is dead on this host
+(or was reused by another process since) is stale and taken over; a lock of another host
+is never taken over (delete ``writer.lock`` by hand once that writer is known to be gone).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import socket
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+import duckdb
 import pyarrow as pa
 
 from dpledger.warehouse.db import connect
@@ -32,14 +47,182 @@ from . import load
 from .atomic import atomic_write_bytes, atomic_write_parquet, remove_quietly
 
 TABLES = ("point_steps", "steps", "evaluations", "checkpoints")
-_SAFE = re.compile(r"^[A-Za-z0-9._=+-]+$")
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+MAX_RUN_ID = 200  # a folder name is at most 255 bytes: run_id=<id>, and room for temporary names
 
 
-def safe_run_id(run_id: str) -> str:
-    """Run ids name folders in the lake: letters, digits and . _ = + - only."""
-    if not run_id or not _SAFE.match(run_id) or run_id in (".", ".."):
-        raise UserError(f"run name {run_id!r}: use letters, digits and . _ = + - only")
+def safe_run_id(run_id) -> str:
+    """The one rule for run names (they name folders in the lake, ``run_id=<id>``, and appear in
+    one-line messages): letters, digits and . _ + - only, not starting with . + or -, at most
+    :data:`MAX_RUN_ID` characters. ``=`` (a Hive partition of its own in the lake: it broke
+    every lake reader), ``/``, spaces, newlines and other control characters are refused."""
+    if not isinstance(run_id, str) or not _SAFE.fullmatch(run_id) or len(run_id) > MAX_RUN_ID:
+        shown = repr(run_id) if len(repr(run_id)) <= 80 else repr(run_id)[:77] + "..."
+        raise UserError(f"run name {shown}: use letters, digits and . _ + - only (not = / spaces or "
+                        f"control characters), starting with a letter, digit or _, at most {MAX_RUN_ID} "
+                        "characters")
     return run_id
+
+
+LOCK_NAME = "writer.lock"
+_HELD: dict[str, str] = {}  # lock file -> token, for the run locks this process holds
+
+
+class RunLocked(UserError):
+    """Another writer holds the run's lock; ``owner`` says who ("locked by pid N on host H")."""
+
+    def __init__(self, message: str, owner: str):
+        super().__init__(message)
+        self.owner = owner
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class RunLock:
+    """The one-writer lock of a run folder: ``folder/writer.lock``."""
+
+    STARTING_S = 30.0  # a lock file without its content yet: its writer is starting (or died doing so)
+
+    def __init__(self, folder: Path, run_id: str):
+        self.folder, self.run_id = Path(folder), run_id
+        self.path = self.folder / LOCK_NAME
+        self.token: str | None = None
+
+    def _owner(self) -> dict | None:
+        """The lock file's content (None: no lock file); ``{}`` if it is empty or unreadable."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            info = json.loads(data)
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _alive(self, info: dict) -> bool:
+        """Whether the lock's owner may still be writing (another host's always may)."""
+        if not info:  # no content yet: a writer between creating and filling it, unless it is old
+            try:
+                return time.time() - self.path.stat().st_mtime < self.STARTING_S
+            except OSError:
+                return False
+        if info.get("host") != socket.gethostname():
+            return True
+        pid = info.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        if pid == os.getpid():  # this process: live if one of its sinks holds it, stale if one failed to release it
+            return _HELD.get(str(self.path)) == info.get("token")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, another user's
+        start = info.get("start")
+        return not (start and _process_start(pid) not in (None, start))  # a reused pid is another process
+
+    @staticmethod
+    def describe(info: dict) -> str:
+        if not info:
+            return "locked by a writer that is starting"
+        return f"locked by pid {info.get('pid')} on host {info.get('host')}"
+
+    def _take_over(self, info: dict) -> None:
+        """Remove the stale lock ``info`` was read from, unless another writer replaced it meanwhile:
+        every taker holds ``flock`` on the stale file and checks it is still the one at the path."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # another writer is taking it over; look again
+            now = os.stat(self.path)
+            mine = os.fstat(fd)
+            if (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
+                return
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+            try:
+                same = (json.loads(data) if data else {}) == info
+            except ValueError:
+                same = info == {}
+            if same:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunLocked` naming its live owner."""
+        if self.token is not None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write to the lake folder {self.folder}: {exc.strerror or exc}") from None
+        token = uuid.uuid4().hex
+        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+                           "token": token, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self._owner()
+                if info is None:
+                    continue  # released meanwhile
+                if self._alive(info):
+                    owner = self.describe(info)
+                    raise RunLocked(f"run {self.run_id} in {self.folder.parent} is {owner} (another writer "
+                                    f"of the run; its lock is {self.path})", owner) from None
+                self._take_over(info)
+                time.sleep(0.01)
+                continue
+            except OSError as exc:
+                raise UserError(f"cannot write to the lake folder {self.folder}: {exc.strerror or exc}") from None
+            try:
+                os.write(fd, body)
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                _unlink_quietly(self.path)
+                raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            os.close(fd)
+            self.token = token
+            _HELD[str(self.path)] = token
+            return
+        raise UserError(f"run {self.run_id}: could not take its lock {self.path} (writers keep replacing it)")
+
+    def release(self) -> None:
+        """Give the lock up (best effort: a lock left behind, e.g. in a read-only folder, is stale)."""
+        if self.token is None:
+            return
+        token, self.token = self.token, None
+        _HELD.pop(str(self.path), None)
+        info = self._owner()
+        if info and info.get("token") == token:
+            _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class Sink(Protocol):
@@ -71,10 +254,21 @@ class Sink(Protocol):
 
 
 class DuckDBSink:
-    """A :class:`Sink`: rows straight into the warehouse; one transaction per commit."""
+    """A :class:`Sink`: rows straight into the warehouse; one transaction per commit. A write
+    the disk refuses (full, gone read-only) is one :class:`UserError` naming the database, the
+    transaction rolled back: the run stays at its last commit and can be resumed."""
 
     def __init__(self, db_path):
+        self.db_path = db_path
         self.con = connect(db_path)
+
+    @contextmanager
+    def _writing(self, what: str):
+        try:
+            yield
+        except (duckdb.IOException, duckdb.OutOfMemoryException, duckdb.FatalException) as exc:
+            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UserError(f"cannot {what} in {self.db_path}: {detail[:300]}") from None
 
     def committed_step(self, run_id: str) -> int | None:
         row = self.con.execute("SELECT committed_step FROM runs WHERE run_id = ?", [run_id]).fetchall()
@@ -88,7 +282,7 @@ class DuckDBSink:
         return json.loads(row[0][0]) if row and row[0][0] else None
 
     def begin(self, run: dict, points: pa.Table, membership: pa.Table | None) -> None:
-        with transaction(self.con):
+        with self._writing(f"record run {run['run_id']}"), transaction(self.con):
             load.ensure_run(self.con, run, f"run {run['run_id']}")
             self.con.execute("UPDATE runs SET status = 'running', run_dir = ?, config = ?, updated_at = now() "
                              "WHERE run_id = ?", [run.get("run_dir"), json.dumps(run.get("config") or {}),
@@ -99,7 +293,7 @@ class DuckDBSink:
                              verb="INSERT OR IGNORE")
 
     def commit(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
-        with transaction(self.con):
+        with self._writing(f"commit step {step} of run {run_id}"), transaction(self.con):
             for name in TABLES:
                 t = tables.get(name)
                 if t is not None and t.num_rows:
@@ -108,18 +302,23 @@ class DuckDBSink:
                              [step, run_id])
 
     def finish(self, run_id: str, status: str) -> None:
-        self.con.execute("UPDATE runs SET status = ?, updated_at = now() WHERE run_id = ?", [status, run_id])
+        with self._writing(f"mark run {run_id} {status}"):
+            self.con.execute("UPDATE runs SET status = ?, updated_at = now() WHERE run_id = ?", [status, run_id])
 
     def close(self) -> None:
         self.con.close()
 
 
 class ShardSink:
-    """A :class:`Sink`: rows as Parquet shards in a lake folder, committed by the run's manifest."""
+    """A :class:`Sink`: rows as Parquet shards in a lake folder, committed by the run's manifest.
+
+    Writes a run only while holding its :class:`RunLock` (taken on the first write, or by
+    :meth:`acquire`; released by :meth:`finish` and :meth:`close`)."""
 
     def __init__(self, lake: str | os.PathLike, worker: str = "w0"):
         self.lake = Path(lake)
         self.worker = worker
+        self._locks: dict[str, RunLock] = {}
         try:
             self.lake.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -128,11 +327,29 @@ class ShardSink:
     def run_dir(self, run_id: str) -> Path:
         return self.lake / f"run_id={safe_run_id(run_id)}"
 
+    def acquire(self, run_id: str) -> None:
+        """Take the run's writer lock (:class:`RunLocked` if another live writer holds it)."""
+        if run_id not in self._locks:
+            lock = RunLock(self.run_dir(run_id), run_id)
+            lock.acquire()
+            self._locks[run_id] = lock
+
+    def release(self, run_id: str) -> None:
+        lock = self._locks.pop(run_id, None)
+        if lock is not None:
+            lock.release()
+
     def manifest(self, run_id: str) -> dict | None:
         path = self.run_dir(run_id) / "manifest.json"
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: unreadable manifest ({exc})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+            raise UserError(f"{path}: not a manifest (no list of shards)")
+        return manifest
 
     def committed_step(self, run_id: str) -> int | None:
         m = self.manifest(run_id)
@@ -146,6 +363,7 @@ class ShardSink:
         return json.loads(path.read_text()).get("config") if path.exists() else None
 
     def begin(self, run: dict, points: pa.Table, membership: pa.Table | None) -> None:
+        self.acquire(run["run_id"])
         d = self.run_dir(run["run_id"])
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -164,7 +382,8 @@ class ShardSink:
         """Remove what a writer killed mid-commit left in the run's folder: temporary files,
         and shards renamed into place that the manifest never listed (a reader globbing the
         lake would count their rows; the resumed run writes those steps again, possibly
-        under another worker's name)."""
+        under another worker's name). Only ever called holding the run's lock: another
+        writer's shard in flight is not a leftover."""
         d = self.run_dir(run_id)
         listed = {info["path"] for shard in self.manifest(run_id)["shards"] for info in shard["files"].values()}
         stale = list(d.glob(".*.tmp"))
@@ -178,8 +397,15 @@ class ShardSink:
         atomic_write_bytes(self.run_dir(run_id) / "manifest.json", json.dumps(manifest, indent=1).encode())
 
     def commit(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
+        self.acquire(run_id)
         d = self.run_dir(run_id)
         manifest = self.manifest(run_id)
+        if manifest is None:
+            raise UserError(f"run {run_id}: no manifest in {d} to commit to (begin the run first)")
+        last = manifest.get("committed_step")
+        if last is not None and step <= last:  # never out of order, never twice
+            raise UserError(f"run {run_id}: step {step} is committed in {d} already (up to step {last}); "
+                            "another writer has run it")
         seq = len(manifest["shards"])
         shard = {"seq": seq, "worker": self.worker, "committed_step": step, "files": {}}
         try:
@@ -200,15 +426,23 @@ class ShardSink:
             raise UserError(f"cannot write shards to {d}: {exc.strerror or exc}") from None
 
     def finish(self, run_id: str, status: str) -> None:
-        manifest = self.manifest(run_id)
-        manifest["status"] = status
         try:
-            self._write_manifest(run_id, manifest)
-        except OSError as exc:
-            raise UserError(f"cannot write {self.run_dir(run_id) / 'manifest.json'}: {exc.strerror or exc}") from None
+            self.acquire(run_id)
+            manifest = self.manifest(run_id)
+            if manifest is None:
+                return
+            manifest["status"] = status
+            try:
+                self._write_manifest(run_id, manifest)
+            except OSError as exc:
+                raise UserError(f"cannot write {self.run_dir(run_id) / 'manifest.json'}: "
+                                f"{exc.strerror or exc}") from None
+        finally:
+            self.release(run_id)
 
     def close(self) -> None:
-        pass
+        for run_id in list(self._locks):
+            self.release(run_id)
 
 
-__all__ = ["TABLES", "DuckDBSink", "ShardSink", "Sink", "safe_run_id"]
+__all__ = ["LOCK_NAME", "TABLES", "DuckDBSink", "RunLock", "RunLocked", "ShardSink", "Sink", "safe_run_id"]

@@ -3,7 +3,10 @@
 The body of both executors' tasks (a local worker process of :mod:`ingest.sweep`, a
 Ray task of :mod:`ingest.ray_executor`): it trains through
 :class:`ingest.sinks.ShardSink`, skips a run the lake has finished, and resumes one
-it holds unfinished, so a sweep can simply be run again after a crash.
+it holds unfinished, so a sweep can simply be run again after a crash. A run another
+live writer holds (its lock, :class:`ingest.sinks.RunLock`) is skipped too, with status
+``skipped`` and the reason "locked by pid N on host H": the same sweep started twice
+runs each run once.
 """
 
 from __future__ import annotations
@@ -11,31 +14,47 @@ from __future__ import annotations
 import os
 import warnings
 
+from dpledger.analysis.validate import ParameterError
 from dpledger.warehouse.errors import UserError
 
-from .sinks import ShardSink
-from .worker import TrainConfig, train
+from .sinks import RunLocked, ShardSink
+from .worker import TrainConfig, train, validate
 
 
 def train_in_lake(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
     """Run the config ``cfg_dict`` (a :class:`TrainConfig` as a dict) into ``lake`` as
     writer ``worker`` with ``threads`` torch threads (unless the config sets them);
-    a :class:`UserError` or an ``OSError`` is a failed summary, not an exception (its
+    a :class:`UserError`, a ``ParameterError`` or an ``OSError`` is a failed summary, not an exception (its
     ``error_params``: the parameters the error names, see :func:`failed_summary`)."""
     warnings.filterwarnings("ignore", message="Full backward hook")
     cfg = TrainConfig(**cfg_dict)
     if cfg.threads is None and threads < (os.cpu_count() or 1):
         cfg.threads = threads  # workers share the cores
-    sink = ShardSink(lake, worker=worker)
-    manifest = sink.manifest(cfg.run)
-    if manifest is not None and manifest.get("status") == "finished":
-        return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
     try:
+        validate(cfg)  # options refused before anything is written (not even the run's folder)
+        sink = ShardSink(lake, worker=worker)
+        if _finished(sink, cfg.run):  # nothing written, not even a lock
+            return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
+    except (UserError, ParameterError) as exc:
+        return failed_summary(cfg.run, exc)
+    try:
+        sink.acquire(cfg.run)
+        if _finished(sink, cfg.run):  # by the writer that held the lock until now
+            return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
         if cfg.run_dir is None:  # checkpoints and resume state live with the run's shards
             cfg.run_dir = str(sink.run_dir(cfg.run))
         return train(cfg, sink, resume=sink.run_exists(cfg.run))
-    except (UserError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
+    except RunLocked as exc:
+        return {"run_id": cfg.run, "status": "skipped", "skipped": exc.owner}
+    except (UserError, ParameterError, OSError) as exc:  # OSError: e.g. a read-only lake (the error names the path)
         return failed_summary(cfg.run, exc)
+    finally:
+        sink.close()
+
+
+def _finished(sink: ShardSink, run_id: str) -> bool:
+    manifest = sink.manifest(run_id)
+    return manifest is not None and manifest.get("status") == "finished"
 
 
 def failed_summary(run_id: str | None, exc: BaseException, error: str | None = None) -> dict:

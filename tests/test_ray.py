@@ -92,7 +92,8 @@ def test_failing_run_is_reported_and_others_finish(tmp_path, cli, cluster):
 
 
 def test_task_that_raises_gives_a_failed_summary(tmp_path, cluster):
-    """Any exception in a task (not only a UserError) is one failed run, not a crashed sweep."""
+    """A run whose options are refused is one failed run with its one-line message and the
+    parameters it names, not a crashed sweep; the others finish."""
     from dpledger.ingest.ray_executor import run_sweep_ray
     from dpledger.ingest.worker import TrainConfig
 
@@ -104,10 +105,22 @@ def test_task_that_raises_gives_a_failed_summary(tmp_path, cluster):
     results = run_sweep_ray([broken, good], tmp_path / "lake", on_done=lambda r, i, n: seen.append((i, n)))
     assert seen == [(1, 2), (2, 2)]
     assert [r["run_id"] for r in results] == ["broken", "good"]
-    assert results[0]["status"] == "failed" and results[0]["error"].startswith("TypeError: ")
+    assert results[0]["status"] == "failed" and results[0]["error"] == "epochs 'one' must be a number"
+    assert results[0]["error_params"] == ["epochs"]
+    assert not (tmp_path / "lake" / "run_id=broken").exists()  # refused before anything was written
     assert results[1]["status"] == "finished" and results[1]["rows"] == 36
     manifest = json.loads((tmp_path / "lake" / "run_id=good" / "manifest.json").read_text())
     assert manifest["status"] == "finished"
+
+
+def test_any_exception_in_a_task_is_a_failed_summary(tmp_path):
+    """Not only a user error: whatever a task raises is one failed run (the task's body, here
+    without Ray: options no TrainConfig has make it raise TypeError)."""
+    from dpledger.ingest.ray_executor import _ray_task
+
+    result = _ray_task({"run": "broken", "no_such_option": 1}, str(tmp_path / "lake"), "w0", 1, None)
+    assert result["status"] == "failed" and result["error"].startswith("TypeError: "), result
+    assert result["run_id"] == "broken"
 
 
 def test_local_cluster_is_loopback_without_usage_stats(cluster):
