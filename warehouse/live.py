@@ -26,6 +26,7 @@ import numpy as np
 
 from dpledger.analysis import composition, grid as gridmod, rdp
 
+from .query import worker_gone
 from .runs import RunInfo, load_runs
 
 LIVE_GRID = 256  # cells of r for the per-example ε so far (an upper bound; coarser than account's 1,024)
@@ -191,10 +192,14 @@ def accountable(run: RunInfo) -> bool:
 
 
 def _status(con, run_ids: list[str]) -> dict:
+    """status, committed and planned steps per run; a run marked running whose worker died on
+    this host (killed, out of memory) is ``incomplete``, as ``dpledger runs`` says."""
     rows = con.execute(
-        "SELECT run_id, status, committed_step, steps FROM runs WHERE run_id IN (SELECT unnest(?))",
+        "SELECT run_id, status, committed_step, steps, CAST(config AS VARCHAR) FROM runs "
+        "WHERE run_id IN (SELECT unnest(?))",
         [run_ids]).fetchall()
-    return {r[0]: {"status": r[1], "committed_step": r[2], "steps": r[3]} for r in rows}
+    return {r[0]: {"status": "incomplete" if r[1] == "running" and worker_gone(r[4]) else r[1],
+                   "committed_step": r[2], "steps": r[3]} for r in rows}
 
 
 def steps_done(con, run_id: str, status: str | None, committed_step, planned) -> int:

@@ -87,7 +87,7 @@ ORDER BY r.run_id
 """
 
 
-def _worker_gone(config) -> bool:
+def worker_gone(config) -> bool:
     """A run still marked running whose worker process, on this host, no longer exists."""
     try:
         worker = json.loads(config).get("worker") if config else None
@@ -112,6 +112,6 @@ def list_runs(con: duckdb.DuckDBPyConnection) -> pa.Table:
     configs = dict(con.execute("SELECT run_id, CAST(config AS VARCHAR) FROM runs WHERE status = 'running'").fetchall())
     if not configs:
         return table
-    status = [("incomplete" if s == "running" and _worker_gone(configs.get(r)) else s)
+    status = [("incomplete" if s == "running" and worker_gone(configs.get(r)) else s)
               for r, s in zip(table.column("run_id").to_pylist(), table.column("status").to_pylist())]
     return table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))

@@ -18,7 +18,7 @@ import typer
 from dpledger.analysis.validate import ParameterError
 from dpledger.warehouse.errors import UserError
 
-from . import reading, accounting, training, ingest  # noqa: F401,I001 - each registers its commands on app, in this order
+from . import reading, accounting, training, ingest, watch, export  # noqa: F401,I001 - each registers its commands on app, in this order
 from .common import app, err, user_message
 
 __all__ = ["app", "entry", "main"]

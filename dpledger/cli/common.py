@@ -115,13 +115,13 @@ def connected(db, read_only: bool = False) -> Iterator:
     committed shards are merged into the database first (idempotent), so they see every
     committed row too.
     """
-    from dpledger.workflows import connect_merged
-
     if read_only:
         from dpledger.warehouse.db import connect
 
         con = connect(db, read_only=True)
     else:
+        from dpledger.workflows import connect_merged  # imports the trainer (torch): writers only
+
         con = connect_merged(db, on_merge=lambda lake, rows: err(
             f"merged {rows} new point-step rows from {lake} into the database"))
     try:
