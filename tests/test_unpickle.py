@@ -81,8 +81,8 @@ def test_train_resume_refuses_a_planted_resume_state(tmp_path, cli):
     _plant(state, marker)
 
     r = _dpledger("train", "--resume", "r", "--db", db, cwd=tmp_path)
-    line = _error_line(r)
     assert not marker.exists(), "the planted pickle ran"
+    line = _error_line(r)
     assert str(state) in line and "refused" in line and "posix.system" in line, line
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT committed_step, max(step) FROM runs JOIN point_steps USING (run_id) "
@@ -108,8 +108,8 @@ def test_a_sweep_refuses_a_planted_resume_state_of_an_incomplete_run(tmp_path, c
     _plant(state, marker)
 
     r = _dpledger("sweep", config, "--lake", lake, "--db", db, cwd=tmp_path)
-    line = _error_line(r)
     assert not marker.exists(), "the planted pickle ran"
+    line = _error_line(r)
     assert "p-s0" in line and str(state) in line and "refused" in line, line
     assert json.loads((run_dir / "manifest.json").read_text())["committed_step"] == 1
     assert not (run_dir / "writer.lock").exists()  # the failed writer let go of the run
