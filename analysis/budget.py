@@ -8,8 +8,8 @@ the one rule that turns epochs into steps, :func:`steps_from_epochs`, which ``bu
 
 from __future__ import annotations
 
-from . import rdp
-from .validate import ParameterError, in_range, positive, whole
+from . import rdp, validate
+from .validate import ParameterError, positive
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
@@ -17,10 +17,14 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 def steps_from_epochs(epochs: float, sample_rate: float) -> int:
     """⌊epochs / q⌋ steps, exactly as Opacus's ``get_noise_multiplier`` counts them
     (``int(epochs / sample_rate)``), so a noise multiplier calibrated for ``epochs``
-    is calibrated for the steps trained."""
+    is calibrated for the steps trained. At most :data:`analysis.validate.MAX_STEPS`."""
     epochs = positive("epochs", epochs)
-    sample_rate = in_range("sample_rate", sample_rate, 0, 1)
-    return int(epochs / sample_rate)
+    sample_rate = validate.sample_rate(sample_rate)
+    n = int(epochs / sample_rate)
+    if n > validate.MAX_STEPS:
+        raise ParameterError(f"epochs {epochs} at sample_rate {sample_rate} make {n} steps, more than "
+                             f"{validate.MAX_STEPS}", "epochs", "sample_rate")
+    return n
 
 
 def budget(
@@ -37,22 +41,23 @@ def budget(
     ``rdp`` uses :mod:`analysis.rdp` (orders :data:`analysis.rdp.DEFAULT_ORDERS`);
     ``prv`` and ``gdp`` use Opacus's accountants. A target ε gives σ by Opacus's
     ``get_noise_multiplier``. ``epochs`` count :func:`steps_from_epochs` steps.
-    Raises :class:`analysis.validate.ParameterError` (a ``ValueError``) naming the
-    parameter on bad input.
+    Ranges (:mod:`analysis.validate`): q ∈ [1e-12, 1], δ ∈ (0, 1), σ ∈ [1e-3, 1e6], steps
+    whole in [1, 1e9]. Raises :class:`analysis.validate.ParameterError` (a ``ValueError``)
+    naming the parameter on bad input.
     """
-    in_range("sample_rate", sample_rate, 0, 1)
-    in_range("delta", delta, 0, 1, high_open=True)
+    validate.sample_rate(sample_rate)
+    validate.delta(delta)
     if accountant not in ACCOUNTANTS:
         raise ParameterError(f"accountant {accountant}: expected one of {', '.join(ACCOUNTANTS)}", "accountant")
     if (steps is None) == (epochs is None):
         raise ParameterError("give steps or epochs (one of them)", "steps", "epochs")
     if steps is not None:
-        whole("steps", steps)
+        validate.steps(steps)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ParameterError("give noise_multiplier (for epsilon) or target_epsilon (for the noise multiplier)",
                              "noise_multiplier", "target_epsilon")
     if noise_multiplier is not None:
-        positive("noise_multiplier", noise_multiplier)
+        validate.noise_multiplier(noise_multiplier)
     if target_epsilon is not None:
         positive("target_epsilon", target_epsilon)
     n_steps = int(steps) if steps is not None else steps_from_epochs(epochs, sample_rate)

@@ -14,7 +14,11 @@ are recorded every step). Two ways to sum:
 
 * fast (:class:`Histogram`): a tent-weighted histogram of r per point on the grid of
   :mod:`analysis.grid`, times the tabulated ρ (:func:`compose`): an upper bound,
-  because the chords of a convex curve lie above it;
+  because the chords of a convex curve lie above it; the same histogram times the
+  table's chord-error bound gives a lower bound (:meth:`Histogram.bounds`), and
+  :func:`needs_exact` names the points whose ε the two do not pin within
+  :data:`EXACT_RTOL` (callers recompute those with :class:`ExactSum`, so every fast ε
+  is within 1e-4 relative of the exact one, and never below it);
 * exact (:class:`ExactSum`): ρ evaluated at every distinct ratio of a batch.
 
 Then ε(x) = min over α of the conversion of Balle et al. that Opacus's
@@ -29,12 +33,16 @@ import numpy as np
 from .grid import RdpTable, tent_weights
 from .rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_of_sensitivity
 
-__all__ = ["ROUNDING_MARGIN", "ExactSum", "Histogram", "clipped_ratio", "compose", "cumulative", "epsilon",
-           "epsilon_from_rdp", "step_rdp"]
+__all__ = ["EXACT_RTOL", "bound_gap", "ROUNDING_MARGIN", "ExactSum", "Histogram", "clipped_ratio", "compose", "cumulative",
+           "epsilon", "epsilon_from_rdp", "needs_exact", "step_rdp"]
 
 # The matrix product rounds; composed RDP is raised by this relative margin so the
 # fast path stays above the exact value despite floating-point error.
 ROUNDING_MARGIN = 1e-12
+
+#: A point's fast ε is recomputed exactly unless the grid's bounds pin it within this
+#: relative gap: (ε_up - ε_low)/ε_up <= 0.9999e-4 means ε_up <= ε_exact·(1 + 1e-4).
+EXACT_RTOL = 0.9999e-4
 
 # Rows of per-step RDP (× orders) materialised at once by the exact sum.
 _EXACT_ROWS = 1 << 15
@@ -85,6 +93,32 @@ class Histogram:
         if table.size != self.size:
             raise ValueError(f"the table has {table.size} cells, the histogram {self.size}")
         return compose(self.values, table)
+
+    def bounds(self, table: RdpTable) -> tuple[np.ndarray, np.ndarray]:
+        """(upper, lower) bounds of the exact composed RDP per point and order (module docstring)."""
+        upper = self.rdp(table)
+        return upper, lower_bound(self.values, table, upper)
+
+
+def lower_bound(hist: np.ndarray, table: RdpTable, upper: np.ndarray) -> np.ndarray:
+    """A lower bound of the exact sum: the chords' sum less the histogram times the table's excess."""
+    with np.errstate(invalid="ignore"):
+        low = upper / (1.0 + ROUNDING_MARGIN) - hist @ table.excess
+    return np.maximum(np.nan_to_num(low, nan=0.0, neginf=0.0), 0.0) * (1.0 - ROUNDING_MARGIN)
+
+
+def bound_gap(upper: np.ndarray, lower: np.ndarray, delta: float, orders) -> np.ndarray:
+    """Per point, (ε(upper) - ε(lower)) / ε(upper): how far above the exact ε the fast one may be, relatively."""
+    eps_up, _ = epsilon(upper, delta, orders)
+    eps_low, _ = epsilon(lower, delta, orders)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(eps_up > 0, (eps_up - eps_low) / np.abs(eps_up), 0.0)
+
+
+def needs_exact(upper: np.ndarray, lower: np.ndarray, delta: float, orders, rtol: float = EXACT_RTOL) -> np.ndarray:
+    """True for each point whose ε from ``upper`` may exceed its exact ε by more than ``rtol`` relative:
+    the exact ε lies between the ε of ``lower`` and that of ``upper``."""
+    return bound_gap(upper, lower, delta, orders) > rtol
 
 
 def compose(hist: np.ndarray, table: RdpTable) -> np.ndarray:

@@ -42,6 +42,7 @@ from scipy import special
 
 from .composition import clipped_ratio
 from .rdp import log_a_int
+from . import validate
 from .validate import ParameterError
 
 #: α_0 candidates of the default rule (ε is minimised over them).
@@ -56,7 +57,11 @@ def holder_p(last_step: int) -> float:
 
 
 def order_schedule(alpha0: float, p: float, steps: int, max_order: int | None = None) -> np.ndarray:
-    """α_i for i = 0..steps-1 by the code's recursion (iterated, as it was, for equal rounding)."""
+    """α_i for i = 0..steps-1 by the code's recursion (iterated, as it was, for equal rounding).
+    α_0 ∈ [1.01, 1e4], p > 1, steps whole in [0, 1e9] (:mod:`analysis.validate`)."""
+    validate.order(alpha0, "alpha0")
+    validate.in_range("holder_p", p, 1.0, np.inf)
+    steps = validate.steps(steps, low=0)
     g = np.empty(steps)
     value = float(alpha0)
     for i in range(steps):
@@ -70,6 +75,8 @@ def order_schedule(alpha0: float, p: float, steps: int, max_order: int | None = 
 
 def holder_weights(p: float, steps: int) -> np.ndarray:
     """((p-1)/p)^i / p for i = 0..steps-1, computed in log space as the code's ``scale``."""
+    validate.in_range("holder_p", p, 1.0, np.inf)
+    steps = validate.steps(steps, low=0)
     i = np.arange(steps, dtype=np.float64)
     return np.exp(i * math.log(p - 1) - (i + 1) * math.log(p))
 

@@ -11,7 +11,18 @@ whose RDP at order α is ``log(A_α) / (α - 1)`` with (their Section 3.3):
 
 * integer α:  A_α = Σ_{k=0..α} C(α,k) (1-q)^{α-k} q^k exp((k² - k) / (2σ²))
 * fractional α: the two erfc series of their Section 3.3 (Opacus's
-  ``_compute_log_a_for_frac_alpha``), summed until the terms fall below e^-30.
+  ``_compute_log_a_for_frac_alpha``), summed until the terms fall below e^-30 — but
+  never before term ⌈α⌉ + 1: Opacus stops at the first small term, which for large α
+  and q ≥ 1/2 is term 0 ((1-q)^α < e^-30) and returns a negative "RDP" (e.g. q = 0.5,
+  σ = 3000, α = 100.5 gave -0.70). Past the binomial's bulk the terms shrink. The
+  series is cut at :data:`analysis.validate.MAX_SERIES_TERMS` terms with an error (the
+  most any parameters in the documented ranges need is ~90,000, at q = 1/2, σ = 1e4,
+  α → 1), so no input loops for ever.
+
+Parameters are checked at every public entry against the ranges of
+:mod:`analysis.validate` (q ∈ [1e-12, 1], σ ∈ [1e-3, 1e6], effective noise multiplier
+σ/r ≥ 1e-3, orders in (1, 1e4], δ ∈ (0, 1), steps ≤ 1e9): a noise multiplier whose
+square underflows (below ~1e-154) used to make the series spin for ever.
 
 These are the functions of ``opacus.accountants.analysis.rdp.compute_rdp``, here
 vectorised over many noise multipliers at once (one per training example: the
@@ -33,6 +44,9 @@ import warnings
 import numpy as np
 from scipy import special
 
+from . import validate
+from .validate import ParameterError
+
 #: Opacus's RDPAccountant default orders (1.1 … 10.9, 12 … 63) extended with larger
 #: integer orders up to 256: points whose gradients are small have their optimal
 #: order far above 63, and cutting the list there would overstate their ε.
@@ -41,14 +55,15 @@ DEFAULT_ORDERS = OPACUS_ORDERS + tuple(range(64, 257, 8))
 
 
 def _as_orders(orders) -> np.ndarray:
-    orders = np.atleast_1d(np.asarray(orders, dtype=np.float64))
-    if np.any(orders <= 1):
-        raise ValueError("RDP orders must be > 1")
-    return orders
+    return validate.orders(orders)
 
 
 def log_a_int(q: float, sigma: np.ndarray, alpha: int) -> np.ndarray:
-    """log A_α for integer α, one value per noise multiplier in ``sigma``."""
+    """log A_α for integer α, one value per (effective) noise multiplier in ``sigma``
+    (each >= 1e-3, or inf for zero sensitivity); q ∈ [1e-12, 1], α a whole number in [1, 1e4]."""
+    q = validate.sample_rate(q)
+    alpha = validate.whole("order", alpha, 1, int(validate.MAX_ORDER))
+    sigma = validate.effective_noise(sigma)
     k = np.arange(alpha + 1, dtype=np.float64)
     with np.errstate(divide="ignore"):
         log_w = special.gammaln(alpha + 1) - special.gammaln(k + 1) - special.gammaln(alpha - k + 1)
@@ -83,35 +98,42 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
 
 
 def _log_a_frac(q: float, sigma: np.ndarray, alpha: float) -> np.ndarray:
-    """log A_α for fractional α by the erfc series (Mironov et al. 2019, §3.3)."""
+    """log A_α for fractional α by the erfc series (Mironov et al. 2019, §3.3), bounded."""
     n = sigma.shape[0]
     log_a0 = np.full(n, -np.inf)
     log_a1 = np.full(n, -np.inf)
     active = np.ones(n, dtype=bool)
     z0 = np.square(sigma) * math.log(1 / q - 1) + 0.5
-    i = 0
-    while np.any(active):
-        coef = special.binom(alpha, i)
-        log_coef = math.log(abs(coef))
+    first_stop = math.ceil(alpha) + 1  # not before the binomial's bulk: see the module docstring
+    lgamma_a = math.lgamma(alpha + 1)
+    for i in range(validate.MAX_SERIES_TERMS):
+        # binom(α, i) by sign and log magnitude: the plain value overflows for large α
+        positive = i <= alpha or (i - math.ceil(alpha)) % 2 == 0
+        log_coef = lgamma_a - math.lgamma(i + 1) - math.lgamma(alpha - i + 1)  # log|Γ| below 0 too
         j = alpha - i
-        log_t0 = log_coef + i * math.log(q) + j * math.log(1 - q)
-        log_t1 = log_coef + j * math.log(q) + i * math.log(1 - q)
+        log_t0 = log_coef + i * math.log(q) + j * math.log1p(-q)
+        log_t1 = log_coef + j * math.log(q) + i * math.log1p(-q)
         s = sigma[active]
         log_e0 = math.log(0.5) + _log_erfc((i - z0[active]) / (math.sqrt(2) * s))
         log_e1 = math.log(0.5) + _log_erfc((z0[active] - j) / (math.sqrt(2) * s))
         log_s0 = log_t0 + (i * i - i) / (2 * np.square(s)) + log_e0
         log_s1 = log_t1 + (j * j - j) / (2 * np.square(s)) + log_e1
-        if coef > 0:
+        if positive:
             log_a0[active] = _log_add(log_a0[active], log_s0)
             log_a1[active] = _log_add(log_a1[active], log_s1)
         else:
             log_a0[active] = _log_sub(log_a0[active], log_s0)
             log_a1[active] = _log_sub(log_a1[active], log_s1)
-        done = np.maximum(log_s0, log_s1) < -30
-        idx = np.flatnonzero(active)
-        active[idx[done]] = False
-        i += 1
-    return np.logaddexp(log_a0, log_a1)
+        if i >= first_stop:
+            done = ~(np.maximum(log_s0, log_s1) >= -30)  # NaN stops too (it cannot recover)
+            idx = np.flatnonzero(active)
+            active[idx[done]] = False
+            if not active.any():
+                return np.logaddexp(log_a0, log_a1)
+    raise ParameterError(
+        f"the fractional-order series of the sampled Gaussian did not converge within "
+        f"{validate.MAX_SERIES_TERMS} terms (sample_rate {q:g}, noise_multiplier {float(sigma[active][0]):g}, "
+        f"order {alpha:g})")
 
 
 # Above this effective noise multiplier the fractional-order series loses its digits to
@@ -129,21 +151,19 @@ def rdp_sgm(q: float, noise_multiplier, orders=DEFAULT_ORDERS) -> np.ndarray:
     """Per-step RDP of the sampled Gaussian mechanism.
 
     ``noise_multiplier`` is a scalar or an array of shape (n,); returns an array of
-    shape (n, len(orders)) (or (len(orders),) for a scalar). ``inf`` noise (zero
-    sensitivity) costs 0; zero noise costs ``inf``. Equals Opacus's
-    ``compute_rdp(q=q, noise_multiplier=σ, steps=1, orders=orders)`` for every σ.
+    shape (n, len(orders)) (or (len(orders),) for a scalar). Noise multipliers are
+    effective ones (σ/r), each at least 1e-3; ``inf`` noise (zero sensitivity) costs 0.
+    q ∈ [1e-12, 1], orders in (1, 1e4] (:mod:`analysis.validate`); anything else raises
+    :class:`analysis.validate.ParameterError`. Equals Opacus's
+    ``compute_rdp(q=q, noise_multiplier=σ, steps=1, orders=orders)`` wherever Opacus's
+    series converges (see the module docstring for where it does not).
     """
     orders = _as_orders(orders)
     scalar = np.ndim(noise_multiplier) == 0
-    sigma = np.atleast_1d(np.asarray(noise_multiplier, dtype=np.float64))
-    if not 0 <= q <= 1:
-        raise ValueError(f"sample rate {q} is outside [0, 1]")
+    q = validate.sample_rate(q)
+    sigma = validate.effective_noise(noise_multiplier)
     out = np.zeros((sigma.shape[0], orders.shape[0]))
-    if q == 0:
-        return out[0] if scalar else out
-    zero_cost = np.isinf(sigma)
-    infinite = sigma == 0
-    live = ~(zero_cost | infinite)
+    live = ~np.isinf(sigma)
     s = sigma[live]
     for m, alpha in enumerate(orders):
         if s.size == 0:
@@ -158,7 +178,6 @@ def rdp_sgm(q: float, noise_multiplier, orders=DEFAULT_ORDERS) -> np.ndarray:
             col[far] = _rdp_frac_small(q, s[far], float(alpha))
             col[~far] = _log_a_frac(q, s[~far], float(alpha)) / (alpha - 1)
         out[live, m] = col
-    out[infinite, :] = np.inf
     return out[0] if scalar else out
 
 
@@ -166,9 +185,11 @@ def rdp_of_sensitivity(q: float, noise_multiplier: float, ratio, orders=DEFAULT_
     """Per-step RDP of one example whose clipped gradient norm is ``ratio`` × C.
 
     The step is an SGM with sensitivity s = ratio·C and noise std σC, i.e. with
-    effective noise multiplier σ / ratio; ratio 0 costs nothing.
+    effective noise multiplier σ / ratio; ratio 0 costs nothing. σ ∈ [1e-3, 1e6], each
+    ratio in [0, 1] (:mod:`analysis.validate`).
     """
-    ratio = np.asarray(ratio, dtype=np.float64)
+    noise_multiplier = validate.noise_multiplier(noise_multiplier)
+    ratio = validate.ratios(ratio)
     with np.errstate(divide="ignore"):
         sigma_eff = np.where(ratio > 0, noise_multiplier / np.where(ratio > 0, ratio, 1.0), np.inf)
     return rdp_sgm(q, sigma_eff, orders)
@@ -183,8 +204,9 @@ def epsilon_from_rdp(rdp, delta: float, orders=DEFAULT_ORDERS, *, warn: bool = F
     """
     orders = _as_orders(orders)
     rdp = np.asarray(rdp, dtype=np.float64)
-    if not 0 < delta < 1:
-        raise ValueError(f"delta {delta} is outside (0, 1)")
+    delta = validate.delta(delta)
+    if rdp.shape[-1:] != orders.shape:
+        raise ParameterError(f"rdp has {rdp.shape[-1:] or 'no'} values per row, orders {orders.size}", "rdp", "orders")
     eps = rdp - (math.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
     single = eps.ndim == 1
     eps2 = np.atleast_2d(eps)
@@ -216,6 +238,11 @@ def order_at_edge(order, orders=DEFAULT_ORDERS) -> np.ndarray:
 
 
 def dp_epsilon(q: float, noise_multiplier: float, steps: int, delta: float, orders=DEFAULT_ORDERS):
-    """Data-independent (ε, optimal order) of ``steps`` DP-SGD steps: every example at C."""
+    """Data-independent (ε, optimal order) of ``steps`` DP-SGD steps: every example at C.
+
+    q ∈ [1e-12, 1], σ ∈ [1e-3, 1e6], steps whole in [0, 1e9], δ ∈ (0, 1).
+    """
+    validate.noise_multiplier(noise_multiplier)
+    steps = validate.steps(steps, low=0)
     rdp = rdp_sgm(q, noise_multiplier, orders) * steps
     return epsilon_from_rdp(rdp, delta, orders)

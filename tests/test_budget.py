@@ -66,7 +66,7 @@ def test_budget_raises_parameter_errors_naming_the_parameter():
     from dpledger.analysis.budget import budget
     from dpledger.analysis.validate import ParameterError
 
-    with pytest.raises(ParameterError, match=r"^sample_rate 2 is outside \(0, 1\]$") as info:
+    with pytest.raises(ParameterError, match=r"^sample_rate 2 is outside \[1e-12, 1\]$") as info:
         budget(2, 1e-5, noise_multiplier=1.0, steps=10)
     assert info.value.params == ("sample_rate",) and isinstance(info.value, ValueError)
     with pytest.raises(ParameterError, match="give steps or epochs") as info:
@@ -91,10 +91,20 @@ def test_table_output_names_the_order(cli):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "--sample-rate 0.0 is outside (0, 1]"),
-    (["--sample-rate", "1.5", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "outside (0, 1]"),
-    (["--sample-rate", "0.1", "--noise-multiplier", "0", "--steps", "10", "--delta", "1e-5"], "--noise-multiplier 0.0 must be positive"),
-    (["--sample-rate", "0.1", "--noise-multiplier", "-1", "--steps", "10", "--delta", "1e-5"], "must be positive"),
+    (["--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "--sample-rate 0.0 is outside [1e-12, 1]"),
+    (["--sample-rate", "1.5", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "outside [1e-12, 1]"),
+    (["--sample-rate", "1e-300", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "outside [1e-12, 1]"),
+    (["--sample-rate", "nan", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "must be finite"),
+    (["--sample-rate", "0.1", "--noise-multiplier", "0", "--steps", "10", "--delta", "1e-5"],
+     "--noise-multiplier 0.0 is outside [0.001, 1e+06]"),
+    (["--sample-rate", "0.1", "--noise-multiplier", "-1", "--steps", "10", "--delta", "1e-5"], "outside [0.001, 1e+06]"),
+    # σ² underflows: this used to spin for ever in the fractional-order series
+    (["--sample-rate", "0.5", "--noise-multiplier", "1e-160", "--steps", "10", "--delta", "1e-5"],
+     "--noise-multiplier 1e-160 is outside [0.001, 1e+06]"),
+    (["--sample-rate", "0.1", "--noise-multiplier", "inf", "--steps", "10", "--delta", "1e-5"], "must be finite"),
+    (["--sample-rate", "0.1", "--noise-multiplier", "1", "--steps", "10000000000", "--delta", "1e-5"],
+     "--steps 10000000000 must be in [1, 1000000000]"),
+    (["--sample-rate", "1e-9", "--noise-multiplier", "1", "--epochs", "10", "--delta", "1e-5"], "more than 1000000000"),
     (["--sample-rate", "0.1", "--noise-multiplier", "1", "--steps", "10", "--delta", "0"], "--delta 0.0 is outside (0, 1)"),
     (["--sample-rate", "0.1", "--noise-multiplier", "1", "--steps", "10", "--delta", "1"], "--delta 1.0 is outside (0, 1)"),
     (["--sample-rate", "0.1", "--noise-multiplier", "1", "--delta", "1e-5"], "give --steps or --epochs"),

@@ -35,8 +35,8 @@ __all__ = ["RULES", "account"]
 def _check(rule: str, delta, grid, legacy_scaling: bool, fill: str) -> None:
     check_rule(rule)
     check_delta(delta, "delta", "delta")
-    if not isinstance(grid, int) or grid < 2:
-        raise UserError(f"grid {grid} must be an integer of at least 2", "grid")
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= gridmod.MAX_GRID:
+        raise UserError(f"grid {grid} must be an integer in [2, {gridmod.MAX_GRID}]", "grid")
     if legacy_scaling and rule != "gla":
         raise UserError("legacy_scaling goes with rule gla", "legacy_scaling", "rule")
     check_method(fill, "fill")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dpledger.analysis import composition, rdp
+from dpledger.analysis import composition, rdp, validate
+from dpledger.analysis.validate import ParameterError
 
 from .coverage import FILL
 from .errors import UserError
@@ -27,9 +28,13 @@ def check_rule(rule: str) -> None:
 
 
 def check_delta(delta: float | None, name: str = "delta", *params: str) -> None:
-    """Raise unless ``delta`` (when given) is in (0, 1); ``name`` says whose delta it is."""
-    if delta is not None and not (0 < delta < 1):
-        raise UserError(f"{name} {delta} is outside (0, 1)", *params)
+    """Raise unless ``delta`` (when given) is in (0, 1) (:func:`analysis.validate.delta`); ``name``
+    says whose delta it is."""
+    if delta is not None:
+        try:
+            validate.delta(delta, name)
+        except ParameterError as exc:
+            raise UserError(str(exc), *params) from None
 
 
 def write_accounting(con, run_id: str, rule: str, delta: float, exact: bool, size: int | None, orders,
@@ -46,7 +51,9 @@ def write_accounting(con, run_id: str, rule: str, delta: float, exact: bool, siz
 
 def write_point_epsilon(con, run_id: str, rule: str, pids, composed, covered, delta, exact,
                         orders) -> tuple[np.ndarray, int]:
-    """Replace the ``point_epsilon`` rows of (run, rule) from composed RDP curves; (ε, points at an edge order)."""
+    """Replace the ``point_epsilon`` rows of (run, rule) from composed RDP curves; (ε, points at an edge order).
+
+    ``exact``: one flag for all rows, or one per point (the fast path recomputes a few exactly)."""
     eps, best = composition.epsilon(composed, delta, orders)
     edge = rdp.order_at_edge(best, orders) if len(orders) > 1 else np.zeros(len(best), dtype=bool)
     con.execute("DELETE FROM point_epsilon WHERE run_id = ? AND rule = ?", [run_id, rule])
@@ -57,7 +64,7 @@ def write_point_epsilon(con, run_id: str, rule: str, pids, composed, covered, de
         "epsilon": pa.array(eps, pa.float64()),
         "best_order": pa.array(best, pa.float64()),
         "delta": pa.array(np.full(len(pids), delta)),
-        "exact": pa.array(np.full(len(pids), exact)),
+        "exact": pa.array(np.broadcast_to(np.asarray(exact, dtype=bool), (len(pids),))),
         "steps_covered": pa.array(np.rint(covered).astype(np.int64)),
         "order_at_edge": pa.array(np.asarray(edge, dtype=bool)),
         "rdp": pa.array(list(composed), pa.list_(pa.float64())),

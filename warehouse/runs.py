@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dpledger.analysis import validate
+from dpledger.analysis.validate import ParameterError
+
 from .errors import UserError
 
 
@@ -77,8 +80,16 @@ def load_run(con, run_id: str) -> RunInfo:
 
 
 def require_params(run: RunInfo) -> None:
-    """Raise unless the run has the mechanism parameters accounting needs (q, σ, C, steps)."""
+    """Raise unless the run has the mechanism parameters accounting needs (q, σ, C, steps), each
+    within the documented range of :mod:`analysis.validate` (a run stored with C = inf, or
+    q = 1e-300, is refused in one line naming the run and the parameter, not accounted)."""
     missing = [name for name, v in (("sample_rate", run.sample_rate), ("noise_multiplier", run.noise_multiplier),
                                     ("max_grad_norm", run.max_grad_norm), ("steps", run.steps)) if v is None]
     if missing:
         raise UserError(f"run '{run.run_id}' has no {', '.join(missing)}; it cannot be accounted")
+    try:
+        validate.mechanism(run.sample_rate, run.noise_multiplier, run.max_grad_norm, n_steps=run.steps)
+        if run.delta is not None:
+            validate.delta(run.delta)
+    except ParameterError as exc:  # the run's stored value, not a flag of the command: no params
+        raise UserError(f"run '{run.run_id}': {exc}; it cannot be accounted") from None

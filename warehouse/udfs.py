@@ -22,7 +22,17 @@ SQL surface:
   RDP → (ε, δ) as Opacus's ``get_privacy_spent``, from two lists.
 * ``dp_epsilon(sample_rate, noise_multiplier, steps, delta)`` / ``dp_best_order(...)``:
   the data-independent ε of ``steps`` DP-SGD steps (default orders).
+* ``dp_params_valid(sample_rate, noise_multiplier, steps, delta)``: whether the four lie
+  in the ranges ``dp_epsilon`` accepts (views guard with it, so one run stored with bad
+  parameters shows NULL instead of failing every query over ``run_epsilon``).
 * ``norm_cdf(z)``: the standard normal CDF (DuckDB has no erf), for LiRA's offline test.
+
+Every argument is checked against the ranges of :mod:`analysis.validate` (q ∈ [1e-12, 1],
+σ ∈ [1e-3, 1e6] — ``rdp_sgm`` takes an effective σ/r, any finite value >= 1e-3 —, ratio
+∈ [0, 1], orders in [1.01, 1e4], δ ∈ (0, 1), steps whole in [0, 1e9], C ∈ [1e-12, 1e12]):
+a value outside them fails the query with one error naming the UDF and the parameter
+(``rdp_sgm: noise_multiplier 1e-160 is outside [0.001, inf)``), instead of returning
+garbage or hanging. NULL arguments give NULL.
 """
 
 from __future__ import annotations
@@ -59,6 +69,55 @@ class Udf:
     return_type: str
 
 
+validate = _Lazy("dpledger.analysis.validate")
+
+
+class UdfError(ValueError):
+    """An argument of a UDF outside its range: DuckDB reports the message as the query's error."""
+
+
+def _check(udf: str, name: str, values: np.ndarray, low: float, high: float, *, low_open: bool = False,
+           high_open: bool = False, whole: bool = False) -> None:
+    """Raise :class:`UdfError` unless every non-NULL (non-NaN from NULL) value lies in the interval."""
+    x = values[~np.isnan(values)] if not np.isnan(values).all() else values[:0]
+    ok = np.isfinite(x) if not np.isinf(high) else ~np.isnan(x)
+    ok &= (x > low) if low_open else (x >= low)
+    ok &= (x < high) if high_open else (x <= high)
+    if whole:
+        ok &= np.floor(x) == x
+    if not ok.all():
+        bad = x[~ok][0]
+        left, right = "(" if low_open else "[", ")" if high_open or np.isinf(high) else "]"
+        what = "a whole number in" if whole else "outside" if np.isfinite(bad) else "not finite; expected"
+        verb = "must be" if whole else "is"
+        raise UdfError(f"{udf}: {name} {bad:g} {verb} {what} {left}{low:g}, {high:g}{right}")
+
+
+def _nan_args(udf: str, names: list[str], cols: list[np.ndarray], masks: list[np.ndarray]) -> None:
+    """Raise where a non-NULL argument is NaN (NULL reads as NaN too, so the masks tell them apart)."""
+    for name, col, mask in zip(names, cols, masks):
+        if np.any(np.isnan(col) & ~mask):
+            raise UdfError(f"{udf}: {name} NaN is not a number")
+
+
+def _nulls(col) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _q(udf, q):
+    _check(udf, "sample_rate", q, *validate.SAMPLE_RATE)
+
+
+def _sigma(udf, sigma):
+    _check(udf, "noise_multiplier", sigma, *validate.NOISE_MULTIPLIER)
+
+
+def _alpha(udf, alpha, name="alpha"):
+    _check(udf, name, alpha, *validate.ORDERS)
+
+
 def _np(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Float64 numpy view of an Arrow column, NaN for nulls."""
     if isinstance(col, pa.ChunkedArray):
@@ -89,14 +148,25 @@ def _result(values: np.ndarray, *inputs: np.ndarray) -> pa.Array:
 
 
 def _rdp_sgm(q, sigma, alpha):
+    masks = [_nulls(c) for c in (q, sigma, alpha)]
     q, sigma, alpha = _np(q), _np(sigma), _np(alpha)
+    _nan_args("rdp_sgm", ["sample_rate", "noise_multiplier", "alpha"], [q, sigma, alpha], masks)
+    _q("rdp_sgm", q)
+    _check("rdp_sgm", "noise_multiplier", sigma, validate.NOISE_MULTIPLIER[0], np.inf, high_open=True)
+    _alpha("rdp_sgm", alpha)
     out = np.full(q.shape[0], np.nan)
     _grouped(out, [q, alpha], lambda k, idx: rdp.rdp_sgm(k[0], sigma[idx], [k[1]])[:, 0])
     return _result(out, q, sigma, alpha)
 
 
 def _rdp_step_cost(q, sigma, ratio, alpha):
+    masks = [_nulls(c) for c in (q, sigma, ratio, alpha)]
     q, sigma, ratio, alpha = _np(q), _np(sigma), _np(ratio), _np(alpha)
+    _nan_args("rdp_step_cost", ["sample_rate", "noise_multiplier", "ratio", "alpha"], [q, sigma, ratio, alpha], masks)
+    _q("rdp_step_cost", q)
+    _sigma("rdp_step_cost", sigma)
+    _check("rdp_step_cost", "ratio", ratio, 0.0, 1.0)
+    _alpha("rdp_step_cost", alpha)
     out = np.full(q.shape[0], np.nan)
     _grouped(out, [q, sigma, alpha],
              lambda k, idx: rdp.rdp_of_sensitivity(k[0], k[1], ratio[idx], [k[2]])[:, 0])
@@ -109,10 +179,22 @@ def _schedule(alpha0: float, p: float, max_order: int | None, length: int) -> np
 
 
 def _gla_step_cost(q, sigma, ratio, step, alpha0, holder_p, max_order, legacy):
+    masks = [_nulls(c) for c in (q, sigma, ratio, alpha0, holder_p)]
     q, sigma, ratio, step = _np(q), _np(sigma), _np(ratio), _np(step)
     alpha0, holder_p = _np(alpha0), _np(holder_p)
     max_order = _np(max_order)
     legacy = _np(legacy.cast(pa.int8()) if hasattr(legacy, "cast") else legacy)
+    u = "gla_step_cost"
+    _nan_args(u, ["sample_rate", "noise_multiplier", "ratio", "alpha0", "holder_p"],
+              [q, sigma, ratio, alpha0, holder_p], masks)
+    _q(u, q)
+    _sigma(u, sigma)
+    _check(u, "ratio", ratio, 0.0, np.inf, high_open=True)  # legacy ratios (norm / batch size) may exceed 1
+    _check(u, "ratio", ratio[legacy == 0], 0.0, 1.0)
+    _check(u, "step", step, 0, validate.MAX_STEPS, whole=True)
+    _alpha(u, alpha0, "alpha0")
+    _check(u, "holder_p", holder_p, 1.0, 3.0 * validate.MAX_STEPS, low_open=True)
+    _check(u, "max_order", max_order, 1, validate.MAX_ORDER, whole=True)
     out = np.full(q.shape[0], np.nan)
     cap = np.where(np.isnan(max_order), -1.0, max_order)
 
@@ -123,13 +205,21 @@ def _gla_step_cost(q, sigma, ratio, step, alpha0, holder_p, max_order, legacy):
         orders = sched[steps]
         return gla.terms(qq, ss, ratio[idx], orders, p, bool(leg))
 
-    _grouped(out, [q, sigma, alpha0, holder_p, cap, legacy], fn)
+    try:
+        _grouped(out, [q, sigma, alpha0, holder_p, cap, legacy], fn)
+    except validate.ParameterError as exc:  # e.g. the schedule's orders grow past the largest order
+        raise UdfError(f"{u}: {exc}") from None
     return _result(out, q, sigma, ratio, step, alpha0, holder_p)
 
 
 def _gla_ratio(norm, max_grad_norm, batch_size, legacy):
+    masks = [_nulls(c) for c in (norm, max_grad_norm, batch_size)]
     norm, c, bs = _np(norm), _np(max_grad_norm), _np(batch_size)
     legacy = _np(legacy.cast(pa.int8()) if hasattr(legacy, "cast") else legacy)
+    _nan_args("gla_ratio", ["grad_norm", "max_grad_norm", "batch_size"], [norm, c, bs], masks)
+    _check("gla_ratio", "grad_norm", norm, 0.0, np.inf, high_open=True)
+    _check("gla_ratio", "max_grad_norm", c[legacy == 0], *validate.MAX_GRAD_NORM)
+    _check("gla_ratio", "batch_size", bs[legacy == 1], 1.0, np.inf, high_open=True)
     out = np.full(norm.shape[0], np.nan)
     plain = legacy == 0
     out[plain] = gla.sensitivity(norm[plain], c[plain])
@@ -138,20 +228,34 @@ def _gla_ratio(norm, max_grad_norm, batch_size, legacy):
     return _result(out, out)
 
 
-def _lists(orders: pa.Array, values: pa.Array):
+def _lists(udf: str, orders: pa.Array, values: pa.Array):
     for o, v in zip(orders.to_pylist(), values.to_pylist()):
-        if o is None or v is None or len(o) != len(v) or len(o) == 0:
+        if o is None or v is None:
             yield None, None
-        else:
-            yield np.asarray(o, dtype=np.float64), np.asarray(v, dtype=np.float64)
+            continue
+        if len(o) != len(v) or len(o) == 0:
+            raise UdfError(f"{udf}: orders and rdp must be non-empty lists of one length (got {len(o)} and {len(v)})")
+        if any(x is None for x in o) or any(x is None for x in v):
+            yield None, None
+            continue
+        o, v = np.asarray(o, dtype=np.float64), np.asarray(v, dtype=np.float64)
+        for name, x in (("orders", o), ("rdp", v)):
+            if np.isnan(x).any():
+                raise UdfError(f"{udf}: {name} NaN is not a number")
+        _alpha(udf, o, "orders")
+        _check(udf, "rdp", v, 0.0, np.inf)
+        yield o, v
 
 
-def _conversion(index: int):
+def _conversion(index: int, udf: str):
     def fn(orders, values, delta):
+        dmask = _nulls(delta)
         d = _np(delta)
+        _nan_args(udf, ["delta"], [d], [dmask])
+        _check(udf, "delta", d, 0.0, 1.0, low_open=True, high_open=True)
         out = np.full(d.shape[0], np.nan)
-        for i, (o, v) in enumerate(_lists(orders, values)):
-            if o is None or np.isnan(d[i]) or not 0 < d[i] < 1:
+        for i, (o, v) in enumerate(_lists(udf, orders, values)):
+            if o is None or np.isnan(d[i]):
                 continue
             out[i] = rdp.epsilon_from_rdp(v, float(d[i]), o)[index]
         return pa.array(out, mask=np.isnan(out), type=pa.float64())
@@ -159,21 +263,45 @@ def _conversion(index: int):
     return fn
 
 
-def _dp(index: int):
+def _dp(index: int, udf: str):
     def fn(q, sigma, steps, delta):
+        masks = [_nulls(c) for c in (q, sigma, steps, delta)]
         q, sigma, steps, delta = _np(q), _np(sigma), _np(steps), _np(delta)
+        _nan_args(udf, ["sample_rate", "noise_multiplier", "steps", "delta"], [q, sigma, steps, delta], masks)
+        _q(udf, q)
+        _sigma(udf, sigma)
+        _check(udf, "steps", steps, 0, validate.MAX_STEPS, whole=True)
+        _check(udf, "delta", delta, 0.0, 1.0, low_open=True, high_open=True)
         out = np.full(q.shape[0], np.nan)
 
         def one(k, idx):
             qq, ss, tt, dd = k
-            if not (0 < qq <= 1 and ss > 0 and tt >= 0 and 0 < dd < 1):
-                return np.nan
             return rdp.dp_epsilon(qq, ss, int(tt), dd)[index]
 
         _grouped(out, [q, sigma, steps, delta], one)
         return _result(out, q, sigma, steps, delta)
 
     return fn
+
+
+def _dp_params_valid(q, sigma, steps, delta):
+    def ok(fn, col):
+        try:
+            fn(col)
+            return True
+        except UdfError:
+            return False
+
+    q, sigma, steps, delta = _np(q), _np(sigma), _np(steps), _np(delta)
+    out = np.zeros(q.shape[0], dtype=bool)
+    for i in range(q.shape[0]):
+        row = [np.array([v]) for v in (q[i], sigma[i], steps[i], delta[i])]
+        if any(np.isnan(r[0]) for r in row):
+            continue
+        out[i] = (ok(lambda c: _q("", c), row[0]) and ok(lambda c: _sigma("", c), row[1])
+                  and ok(lambda c: _check("", "", c, 0, validate.MAX_STEPS, whole=True), row[2])
+                  and ok(lambda c: _check("", "", c, 0.0, 1.0, low_open=True, high_open=True), row[3]))
+    return pa.array(out, type=pa.bool_())
 
 
 def _norm_cdf(z):
@@ -191,10 +319,11 @@ def udfs() -> list[Udf]:
         Udf("rdp_step_cost", _rdp_step_cost, [d, d, d, d], d),
         Udf("gla_step_cost", _gla_step_cost, [d, d, d, "BIGINT", d, d, "INTEGER", "BOOLEAN"], d),
         Udf("gla_ratio", _gla_ratio, [d, d, d, "BOOLEAN"], d),
-        Udf("rdp_epsilon", _conversion(0), ["DOUBLE[]", "DOUBLE[]", d], d),
-        Udf("rdp_best_order", _conversion(1), ["DOUBLE[]", "DOUBLE[]", d], d),
-        Udf("dp_epsilon", _dp(0), [d, d, "BIGINT", d], d),
-        Udf("dp_best_order", _dp(1), [d, d, "BIGINT", d], d),
+        Udf("rdp_epsilon", _conversion(0, "rdp_epsilon"), ["DOUBLE[]", "DOUBLE[]", d], d),
+        Udf("rdp_best_order", _conversion(1, "rdp_best_order"), ["DOUBLE[]", "DOUBLE[]", d], d),
+        Udf("dp_epsilon", _dp(0, "dp_epsilon"), [d, d, "BIGINT", d], d),
+        Udf("dp_best_order", _dp(1, "dp_best_order"), [d, d, "BIGINT", d], d),
+        Udf("dp_params_valid", _dp_params_valid, [d, d, "BIGINT", d], "BOOLEAN"),
         Udf("norm_cdf", _norm_cdf, [d], d),
     ]
 

@@ -3,11 +3,13 @@
 -- compares the chain with the Python path on dense, checkpointed and ragged runs.
 -- The fast path's histogram: for each (run, point), the clipped-norm ratios
 -- r = min(norm, C) / C of its recorded steps, tent-weighted on the run's grid of
--- `grid_size` cells (accountings, rule 'rdp', not exact). A step with
--- r * grid_size = j + f adds (1 - f) to `weight_lo` of bin j and f to `weight_hi`
--- (that is, to bin j + 1), times the steps it covers. Composed RDP is then
+-- `grid_size` cells (accountings, rule 'rdp', not exact), linearly in u = r^2
+-- (analysis.grid.tent_weights): with x = r * grid_size and j = floor(x), a step adds
+-- (1 - f) to `weight_lo` of bin j and f to `weight_hi` (that is, to bin j + 1), with
+-- f = (x^2 - j^2) / (2j + 1), times the steps it covers. Composed RDP is then
 -- sum(weight_lo * rho[j] + weight_hi * rho[j + 1]) over the tabulated rdp_grid:
--- a chord of a convex curve, so an upper bound of the exact sum.
+-- a chord of a curve convex in r^2, so an upper bound of the exact sum. (`account`
+-- recomputes exactly the few points whose error bound is loose; this chain does not.)
 CREATE OR REPLACE VIEW point_r_histogram AS
 WITH grid AS (
     SELECT run_id, grid_size FROM accountings WHERE rule = 'rdp' AND NOT exact
@@ -19,10 +21,13 @@ x AS (
 ),
 y AS (
     SELECT run_id, point_id, covers, x, least(floor(x), grid_size - 1) AS j FROM x
+),
+z AS (
+    SELECT run_id, point_id, covers, j, greatest(least((x - j) * (x + j) / (2 * j + 1), 1.0), 0.0) AS f FROM y
 )
 SELECT run_id, point_id, CAST(j AS INTEGER) AS bin,
-       sum((1 - (x - j)) * covers) AS weight_lo,
-       sum((x - j) * covers) AS weight_hi,
+       sum((1 - f) * covers) AS weight_lo,
+       sum(f * covers) AS weight_hi,
        CAST(sum(covers) AS BIGINT) AS steps
-FROM y
+FROM z
 GROUP BY run_id, point_id, j;
