@@ -68,10 +68,12 @@ Evaluation (:func:`holdout`, :func:`compare`): every k-th record of every point
 method is fitted on the rest, and the held-out ratios are predicted. Reported:
 
 * per-step cost errors at one order α (``cost_order``, default 8): |ρ_α(r̂) - ρ_α(r)| —
-  mean and max absolute, and mean and max relative to ρ_α(r) (zero true costs skipped;
-  a true r of 1e-10 has a cost near 1e-22, so these explode wherever a tiny record is
-  predicted anything but tiny: ``cost_mre_above_floor``/``cost_max_rel_above_floor``
-  repeat them over the records whose true cost is at least 1% of a full-norm step's);
+  mean and max absolute over every held-out record, and mean and max relative to
+  ρ_α(r) *only* over the records whose true cost is at least ``cost_floor`` (1%) of a
+  full-norm step's (``cost_mre_above_floor``, ``cost_max_rel_above_floor``; None when no
+  record is above it). Relative errors over all records are not reported: a true r of
+  1e-10 has a cost near 1e-22, so one such record predicted anything but tiny made them
+  ~1e37, a number that says nothing;
 * per-point ε errors: each point's fill over steps 0..n_steps-1 is composed with the
   tabulated fast path of :mod:`analysis.composition` (tent histogram of r × the RDP table: a
   conservative upper bound, within ~1e-5 of exact at 1,024 cells) and converted with
@@ -94,7 +96,7 @@ from .fill_nn import fit_nn
 from .fill_offset import fit_offset
 from .fill_records import Fit, records
 
-__all__ = ["COST_ORDER", "FILL_CELLS", "METHODS", "Fit", "compare", "compose_fill", "fill_chunks", "fit",
+__all__ = ["COST_ORDER", "FILL_CELLS", "METHODS", "METRICS", "Fit", "compare", "compose_fill", "fill_chunks", "fit",
            "format_table", "held_out_mask", "holdout", "point_epsilons"]
 
 METHODS = ("step", "linear", "pchip", "offset", "nn")
@@ -104,6 +106,23 @@ COST_ORDER = 8.0
 
 #: Points × steps of a dense fill held in memory at once when composing it.
 FILL_CELLS = 1 << 22
+
+#: The error metrics of :func:`holdout`, in the order to show them: (key, column header).
+METRICS = (
+    ("r_mae", "r MAE"),
+    ("cost_mae", "cost MAE"),
+    ("cost_max_abs", "cost max error"),
+    ("cost_mre_above_floor", "cost MRE above floor"),
+    ("cost_max_rel_above_floor", "cost max rel. error above floor"),
+    ("eps_mae", "ε MAE"),
+    ("eps_max_abs", "ε max error"),
+    ("eps_mre", "ε MRE"),
+    ("eps_max_rel", "ε max rel. error"),
+    ("eps_step_mae", "ε MAE vs step fill"),
+    ("eps_step_max_abs", "ε max error vs step fill"),
+    ("eps_full_mean", "mean ε (all records)"),
+    ("fit_seconds", "fit seconds"),
+)
 
 
 def _check_method(method: str) -> None:
@@ -208,10 +227,10 @@ def _errors(pred: np.ndarray, true: np.ndarray, prefix: str) -> dict:
     nz = true != 0
     rel = err[nz] / np.abs(true[nz])
     return {
-        f"{prefix}_mae": float(err.mean()) if err.size else float("nan"),
-        f"{prefix}_max_abs": float(err.max()) if err.size else float("nan"),
-        f"{prefix}_mre": float(rel.mean()) if rel.size else float("nan"),
-        f"{prefix}_max_rel": float(rel.max()) if rel.size else float("nan"),
+        f"{prefix}_mae": float(err.mean()) if err.size else None,
+        f"{prefix}_max_abs": float(err.max()) if err.size else None,
+        f"{prefix}_mre": float(rel.mean()) if rel.size else None,
+        f"{prefix}_max_rel": float(rel.max()) if rel.size else None,
     }
 
 
@@ -231,10 +250,10 @@ def holdout(method: str, steps, values, k: int, *, q: float, noise_multiplier: f
 
     ``orders`` are the RDP orders of the ε composition (default :data:`analysis.rdp.DEFAULT_ORDERS`);
     ``cost_order`` the single order of the per-step cost errors; ``options`` go to :func:`fit`.
-    Besides the relative errors over all non-zero true costs (which tiny true costs, r ~ 1e-10,
-    make astronomically large), ``cost_*_above_floor`` restrict them to held-out records whose
-    true cost is at least ``cost_floor`` × the cost of a full-norm step (r = 1).
-    Returns plain floats/ints (see the module docstring for what each number is).
+    Relative cost errors are reported only over held-out records whose true cost is at least
+    ``cost_floor`` × the cost of a full-norm step (r = 1): ``cost_*_above_floor`` (None if
+    there is none). Returns plain floats/ints/None, the metrics in the order of
+    :data:`METRICS` (see the module docstring for what each number is).
     """
     _check_method(method)
     if isinstance(k, bool) or int(k) != k or k < 2:
@@ -274,22 +293,29 @@ def holdout(method: str, steps, values, k: int, *, q: float, noise_multiplier: f
     eps_full = _epsilons(f_full, n_steps, table, delta)
     eps_step = eps_full if method == "step" else _epsilons(f_step, n_steps, table, delta)
 
-    out = {"method": method, "k": k, "held_out": n_held, "n_points": rec.n_points,
-           "n_records": int(rec.steps.size), "cost_order": float(cost_order),
-           "r_mae": float(np.mean(np.abs(pred - true)))}
-    out.update(_errors(c_pred, c_true, "cost"))
     full_cost = float(rdp.rdp_of_sensitivity(q, noise_multiplier, np.array([1.0]), [cost_order])[0, 0])
     big = c_true >= cost_floor * full_cost
+    cost_all = _errors(c_pred, c_true, "cost")
     floored = _errors(c_pred[big], c_true[big], "cost")
-    out.update({"held_out_above_floor": int(big.sum()),
-                "cost_mre_above_floor": floored["cost_mre"], "cost_max_rel_above_floor": floored["cost_max_rel"]})
-    out.update(_errors(eps_train, eps_full, "eps"))
-    out.update(_errors(eps_train, eps_step, "eps_step"))
-    out.update({
-        "eps_holdout_mean": float(np.mean(eps_train)),
+    eps_err = _errors(eps_train, eps_full, "eps")
+    step_err = _errors(eps_train, eps_step, "eps_step")
+    metrics = {
+        "r_mae": float(np.mean(np.abs(pred - true))),
+        "cost_mae": cost_all["cost_mae"], "cost_max_abs": cost_all["cost_max_abs"],
+        "cost_mre_above_floor": floored["cost_mre"], "cost_max_rel_above_floor": floored["cost_max_rel"],
+        **{key: eps_err[key] for key in ("eps_mae", "eps_max_abs", "eps_mre", "eps_max_rel")},
+        "eps_step_mae": step_err["eps_step_mae"], "eps_step_max_abs": step_err["eps_step_max_abs"],
         "eps_full_mean": float(np.mean(eps_full)),
-        "eps_step_full_mean": float(np.mean(eps_step)),
         "fit_seconds": float(fit_seconds),
+    }
+    out = {"method": method, "k": k, "held_out": n_held, "n_points": rec.n_points,
+           "n_records": int(rec.steps.size), "cost_order": float(cost_order), "cost_floor": float(cost_floor),
+           "held_out_above_floor": int(big.sum())}
+    out.update({key: metrics[key] for key, _ in METRICS})
+    out.update({
+        "eps_step_mre": step_err["eps_step_mre"], "eps_step_max_rel": step_err["eps_step_max_rel"],
+        "eps_holdout_mean": float(np.mean(eps_train)),
+        "eps_step_full_mean": float(np.mean(eps_step)),
     })
     return out
 
@@ -301,19 +327,18 @@ def compare(steps, values, k: int, *, methods: Sequence[str] = METHODS, **kw) ->
     return [holdout(m, steps, values, k, **kw) for m in methods]
 
 
-def format_table(rows: list[dict], columns: Sequence[str] = (
-        "method", "k", "held_out", "r_mae", "cost_mae", "cost_max_abs", "cost_mre", "cost_max_rel",
-        "cost_mre_above_floor",
-        "eps_mae", "eps_max_abs", "eps_mre", "eps_max_rel", "eps_step_mae", "eps_step_max_abs",
-        "eps_full_mean", "fit_seconds")) -> str:
-    """A plain-text table of :func:`compare`'s rows."""
+def format_table(rows: list[dict], columns: Sequence[str] = ("method", "k", "held_out", *(k for k, _ in METRICS))) -> str:
+    """A plain-text table of :func:`compare`'s rows, headed by the :data:`METRICS` labels."""
+    labels = dict(METRICS)
+
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}"
-        return str(v)
+        return "-" if v is None else str(v)
 
     body = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    heads = [labels.get(c, c) for c in columns]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(b, widths)) for b in body]
     return "\n".join(lines)

@@ -241,8 +241,12 @@ def test_holdout_matches_hand_computation():
         err = np.abs(cost(pred) - true_c)
         assert out["cost_mae"] == pytest.approx(err.mean(), rel=1e-12)
         assert out["cost_max_abs"] == pytest.approx(err.max(), rel=1e-12)
-        assert out["cost_mre"] == pytest.approx(np.mean(err / true_c), rel=1e-12)
-        assert out["cost_max_rel"] == pytest.approx(np.max(err / true_c), rel=1e-12)
+        big = true_c >= 0.01 * cost([1.0])[0]  # relative errors only above the floor (1% of a full step)
+        assert big.tolist() == [True, False]
+        assert out["cost_mre_above_floor"] == pytest.approx(np.mean(err[big] / true_c[big]), rel=1e-12)
+        assert out["cost_max_rel_above_floor"] == pytest.approx(np.max(err[big] / true_c[big]), rel=1e-12)
+        assert "cost_mre" not in out and "cost_max_rel" not in out  # over all records: meaningless near 0
+        assert [k for k in out if k in dict(fits.METRICS)] == [k for k, _ in fits.METRICS]
         assert out["r_mae"] == pytest.approx(np.mean(np.abs(np.array(pred) - [0.9, 0.1])), rel=1e-12)
         # ε by the exact path over steps 0..49, the last record held for 41..49
         t = np.arange(n_steps)
@@ -262,11 +266,12 @@ def test_holdout_matches_hand_computation():
         assert out["eps_mae"] == pytest.approx(abs(e_train - e_full), abs=2e-4)
         assert out["eps_step_mae"] == pytest.approx(abs(e_train - e_step), abs=2e-4)
         assert abs(e_train - e_full) > 1e-2  # holding out changed ε: the check above is not vacuous
-    # relative errors skip zero true costs
-    zero = fits.holdout("linear", steps, np.array([[0.2, 0.0, 0.4, 0.1, 0.6]]), 2,
+    # a tiny true cost (r = 1e-10, cost ~1e-22) predicted as anything: no relative error of 1e37
+    tiny = fits.holdout("linear", steps, np.array([[0.2, 1e-10, 0.4, 1e-10, 0.6]]), 2,
                         q=q, noise_multiplier=sigma, n_steps=n_steps, delta=delta)
-    e2 = abs(cost([0.5])[0] - cost([0.1])[0])
-    assert zero["cost_max_rel"] == pytest.approx(e2 / cost([0.1])[0], rel=1e-12)
+    assert tiny["held_out_above_floor"] == 0 and tiny["cost_mre_above_floor"] is None
+    assert all(v is None or abs(v) < 1e3 for k, v in tiny.items() if k in dict(fits.METRICS))
+    assert "cost MAE" in fits.format_table([tiny]) and "ε MAE" in fits.format_table([tiny])
 
 
 # --------------------------------------------------------------------------- the fixture run
