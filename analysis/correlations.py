@@ -6,7 +6,13 @@ Curvature of Loss Function Around Samples" (ICML 2024).
 * rank (Spearman) and linear (Pearson) correlation and cosine similarity between
   each pair of per-example scores, over the points that have both;
 * top-k overlap: |top_k(a) ∩ top_k(b)| / k, the share of the k highest-scoring
-  points two scores agree on;
+  points two scores agree on. When ties straddle the k-th place (18% of a demo run's
+  points pay exactly the run's ε: clipped at every step) "the top k" is not one set, and
+  breaking ties by position gave an arbitrary number (often 0). So ties are broken at
+  random, in expectation: a point above a score's k-th value is in its top k for sure, a
+  point tied with it with probability (places left)/(points tied), and the overlap is
+  Σ_i P_a(i) P_b(i) / k (the two tie-breaks independent). Without ties this is the plain
+  overlap; ``topk_tied`` says when ties made it an expectation;
 * the bound check of Ravikumar et al.: for an (ε, δ)-DP learner, P[correct | in] ≤
   e^ε P[correct | out] + δ, so mem = P_in − P_out ≤ 1 − e^{−ε} + δ e^{−ε}; the fraction of
   points whose estimated memorization respects it at their per-example ε;
@@ -37,21 +43,37 @@ def cosine(a, b) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
+def _top_probability(x: np.ndarray, k: int) -> np.ndarray:
+    """P(point i is among the k highest of x) when ties are broken uniformly at random."""
+    kth = np.sort(x)[::-1][k - 1]
+    above = x > kth
+    tied = x == kth
+    return np.where(above, 1.0, np.where(tied, (k - above.sum()) / tied.sum(), 0.0))
+
+
+def topk_ties(a, b, k: int) -> bool:
+    """True when ties straddle the k-th place of ``a`` or ``b`` (over the points with both)."""
+    a, b = _both(a, b)
+    if k < 1 or a.size == 0:
+        return False
+    k = min(k, a.size)
+    return any(0 < p < 1 for x in (a, b) for p in np.unique(_top_probability(x, k)))
+
+
 def topk_overlap(a, b, k: int) -> float:
-    """Share of the k highest points of ``a`` that are among the k highest of ``b``
-    (points missing either score are left out first; ties broken by position)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    keep = np.flatnonzero(np.isfinite(a) & np.isfinite(b))
-    if k < 1 or keep.size == 0:
+    """Expected share of the k highest points of ``a`` that are among the k highest of ``b``,
+    ties broken at random (points missing either score are left out first); without ties,
+    |top_k(a) ∩ top_k(b)| / k."""
+    a, b = _both(a, b)
+    if k < 1 or a.size == 0:
         return float("nan")
-    k = min(k, keep.size)
-    top_a = set(keep[np.argsort(-a[keep], kind="stable")[:k]])
-    top_b = set(keep[np.argsort(-b[keep], kind="stable")[:k]])
-    return len(top_a & top_b) / k
+    k = min(k, a.size)
+    return float(_top_probability(a, k) @ _top_probability(b, k) / k)
 
 
 def pair_stats(df: pd.DataFrame, columns: list[str], k: int = 10) -> pd.DataFrame:
-    """One row per pair of score columns: n, Spearman, Pearson, cosine, top-k overlap."""
+    """One row per pair of score columns: n, Spearman, Pearson, cosine, top-k overlap (expected
+    over random tie-breaks) and ``topk_tied`` (ties straddled the k-th place, so it is an expectation)."""
     rows = []
     for x, y in itertools.combinations(columns, 2):
         a, b = _both(df[x], df[y])
@@ -63,9 +85,11 @@ def pair_stats(df: pd.DataFrame, columns: list[str], k: int = 10) -> pd.DataFram
             "pearson": float(stats.pearsonr(a, b).statistic) if enough else float("nan"),
             "cosine": cosine(a, b),
             "topk_overlap": topk_overlap(df[x], df[y], k),
+            "topk_tied": topk_ties(df[x], df[y], k),
             "k": min(k, n),
         })
-    return pd.DataFrame(rows, columns=["a", "b", "n", "spearman", "pearson", "cosine", "topk_overlap", "k"])
+    return pd.DataFrame(rows, columns=["a", "b", "n", "spearman", "pearson", "cosine", "topk_overlap", "topk_tied",
+                                       "k"])
 
 
 def bound_check(memorization, epsilon, delta: float = 0.0) -> dict:

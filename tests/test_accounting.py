@@ -370,3 +370,66 @@ def test_account_skips_non_private_runs(db, tmp_path, cli):
     con.close()
     r = cli("account", "--db", db, "--json")
     assert r.rc == 0 and r.json()[0]["skipped"].startswith("not private")
+
+
+def test_ties_share_a_rank_and_the_summary_counts_them(db, tmp_path):
+    """Three points clipped at every step pay exactly the run's ε: they share rank 1 from the
+    top (SQL's rank(), the next rank is 4) and rank_summary says they tie at the run's ε."""
+    from dpledger.warehouse.rank import rank, rank_summary
+
+    rng = np.random.default_rng(4)
+    norms = np.column_stack([np.full(50, 5.0), rng.uniform(0.1, 0.5, 50), np.full(50, 2.0),
+                             rng.uniform(0.1, 0.5, 50), np.full(50, 1.5)])  # points 0, 2, 4 always clipped
+    make_run(db, "ties", norms, q=0.05, sigma=1.0, tmp=tmp_path)
+    run_account(db, ["ties"])
+    con = warehouse.connect(db, read_only=True)
+    try:
+        top = rank(con, "ties", highest=4).to_pylist()
+        low = rank(con, "ties", lowest=5).to_pylist()
+        s = rank_summary(con, "ties")
+    finally:
+        con.close()
+    assert [(r["point_id"], r["rank"], r["n_tied"]) for r in top] == [(0, 1, 3), (2, 1, 3), (4, 1, 3), (top[3]["point_id"], 4, 1)]
+    assert [r["rank"] for r in low] == [1, 2, 3, 3, 3]
+    want = rdp.dp_epsilon(0.05, 1.0, 50, 1e-5)[0]
+    assert top[0]["epsilon"] == pytest.approx(want, rel=1e-9) and top[0]["ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert s["ties_highest"] == 3 and s["highest_at_run_epsilon"] and s["at_run_epsilon"] == 3
+    assert s["ties_lowest"] == 1 and s["above_run_epsilon"] == 0 and s["partially_covered"] == 0
+    assert any("3 points tie at the highest epsilon" in n and "clipped at every step" in n for n in s["notes"])
+
+
+def test_rank_shows_the_covered_fraction_of_a_partially_covered_run(db, tmp_path):
+    """Norms for steps 0..9 of a 40-step run held to the end cover it all; a point whose
+    first record is at step 30 covers only its last 10 steps: covered_fraction 0.25."""
+    from dpledger.warehouse.rank import rank, rank_summary
+
+    frame = pd.DataFrame({"step": [0, 10, 30], "point_id": [0, 0, 1], "grad_norm": [0.5, 0.7, 0.9]})
+    _ingest_frame(db, "part", frame, tmp_path, steps=40)
+    run_account(db, ["part"])
+    con = warehouse.connect(db, read_only=True)
+    try:
+        table = rank(con, "part").to_pylist()
+        s = rank_summary(con, "part")
+    finally:
+        con.close()
+    assert {r["point_id"]: r["covered_fraction"] for r in table} == {0: 1.0, 1: 0.25}
+    assert s["partially_covered"] == 1 and any("only part of the run" in n for n in s["notes"])
+
+
+def test_gla_says_when_points_exceed_the_run_epsilon(gla_db, cli):
+    """On the fixture every point's gla ε (12.1-20.5) is above the run's data-independent
+    11.26: the account summary and rank_summary say so, and the edge-of-α_0 note is there."""
+    from dpledger.warehouse.rank import rank_summary
+
+    r = cli("account", "--rule", "gla", "--db", gla_db, "--json")
+    (s,) = r.json()
+    assert s["points_above_run_epsilon"] == 10 and s["epsilon_min"] > s["run_epsilon"]
+    assert any("10 of 10 points have a gla epsilon above the run's data-independent epsilon" in n
+               and "still holds for every point" in n for n in s["notes"])
+    assert any("optimal alpha_0 at the edge" in n for n in s["notes"])
+    con = warehouse.connect(gla_db, read_only=True)
+    try:
+        rs = rank_summary(con, "res1", "gla")
+    finally:
+        con.close()
+    assert rs["above_run_epsilon"] == 10 and any("can be looser than the data-independent one" in n for n in rs["notes"])

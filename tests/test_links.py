@@ -87,11 +87,29 @@ def test_link_statistics_match_scipy():
         assert row.cosine == pytest.approx(cos, rel=1e-12)
         top_a = set(both[a].sort_values(ascending=False).index[:10])
         top_b = set(both[b].sort_values(ascending=False).index[:10])
-        assert row.topk_overlap == len(top_a & top_b) / 10
+        assert row.topk_overlap == len(top_a & top_b) / 10 and not row.topk_tied
     res = L.bound_check([0.1, 0.5, 0.9, np.nan], [1.0, 0.5, 2.0, 1.0], delta=0.0)
     # bounds: 1-e^-1 = 0.632 (ok), 1-e^-0.5 = 0.393 (0.5 violates), 1-e^-2 = 0.865 (0.9 violates)
     assert res["n"] == 3 and res["fraction_within_bound"] == pytest.approx(1 / 3)
     assert res["max_excess"] == pytest.approx(0.5 - (1 - math.exp(-0.5)))  # the larger of the two excesses
+
+
+def test_topk_overlap_with_ties_is_the_expectation_over_tie_breaks():
+    """30 points tie at the top of ε (clipped at every step); the 10 highest curvatures are
+    points 20..29, all among them. Breaking ties by position took points 0..9 and said 0."""
+    eps = np.r_[np.full(30, 5.0), np.linspace(1, 4, 30)]
+    curv = np.r_[np.arange(30) / 100, np.zeros(30)]
+    curv[20:30] += 1.0
+    # each of the 10 tied-top points of curvature is in ε's top 10 with probability 10/30
+    assert L.topk_overlap(eps, curv, 10) == pytest.approx(10 * (10 / 30) / 10)
+    assert L.topk_ties(eps, curv, 10) and not L.topk_ties(curv, curv, 10)
+    # by brute force: the mean overlap over many random tie-breaks
+    rng = np.random.default_rng(0)
+    top_b = set(np.argsort(-curv, kind="stable")[:10])
+    draws = [len(set(rng.permutation(30)[:10]) & top_b) / 10 for _ in range(4000)]
+    assert np.mean(draws) == pytest.approx(L.topk_overlap(eps, curv, 10), abs=0.01)
+    pairs = L.pair_stats(pd.DataFrame({"epsilon": eps, "curvature": curv}), ["epsilon", "curvature"], k=10)
+    assert pairs.topk_tied.tolist() == [True] and pairs.topk_overlap.tolist() == [pytest.approx(1 / 3)]
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,8 @@ def summary(run: RunInfo, rule: str, eps: np.ndarray, covered: np.ndarray, exact
         "epsilon_max": float(finite.max()) if finite.size else None,
         "run_epsilon": float(data_indep),
         "points_partially_covered": int(np.sum(covered < run.steps)),
+        # above the run's data-independent ε (beyond rounding): none under rdp; gla's bound can be looser
+        "points_above_run_epsilon": int(np.sum(finite > data_indep * (1 + 1e-9))),
         "notes": notes,
     }
 
