@@ -19,6 +19,7 @@ points exceed the run's data-independent ε (see :mod:`warehouse.account_gla`). 
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from .account_gla import GLA_ABOVE_RUN
@@ -37,7 +38,7 @@ def _check(con, run_id: str, rule: str, lowest, highest) -> None:
     if lowest is not None and highest is not None:
         raise UserError("give lowest N or highest N, not both", "lowest", "highest")
     for name, n in (("lowest", lowest), ("highest", highest)):
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
             raise UserError(f"{name} {n} must be a whole number of at least 1", name)
     require_run(con, run_id)
     require_accounted(con, run_id, rule)
