@@ -11,30 +11,62 @@ from pathlib import Path
 from typing import Callable
 
 from dpledger.ingest.shards import ingest_shards
-from dpledger.ingest.sinks import DuckDBSink
+from dpledger.ingest.sinks import DuckDBSink, ShardSink
 from dpledger.ingest.sweep import MAX_RUNS, check_executor, load_config
 from dpledger.ingest.sweep import run as run_sweep
-from dpledger.ingest.worker import TrainConfig, validate
+from dpledger.ingest.worker import TrainConfig, default_run_name, validate
 from dpledger.ingest.worker import train as train_with_sink
 from dpledger.warehouse.db import connect, default_lake, resolve_db_path
+from dpledger.warehouse.errors import UserError
 from dpledger.warehouse.lake import has_runs
 
 
-def train(cfg: TrainConfig, db=None, *, resume: bool = False,
-          on_progress: Callable[[dict], None] | None = None) -> dict:
-    """Train one DP-SGD run (``cfg``) recording into the database ``db``; returns its summary.
+SINKS = ("lake", "database")
 
-    ``resume=True`` continues run ``cfg.run`` from its last committed step. Checkpoints
-    and resume state go to ``runs/`` beside the database.
+
+def train(cfg: TrainConfig, db=None, *, resume: bool = False, sink: str = "lake",
+          on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Train one DP-SGD run (``cfg``) recording into the warehouse ``db``; returns its summary.
+
+    The rows go as committed Parquet shards to the project's lake (``lake/`` beside the
+    database; the run's lock makes it the only writer), so readers are never locked out
+    while it trains; when it ends they are merged into the database. If the database is
+    held too long by another process, the run stays safe in the lake (``merged`` False in
+    the summary) and the next command that merges takes it. ``sink="database"`` writes
+    straight into the database instead (holding it while training). ``resume=True`` continues run
+    ``cfg.run`` from its last committed step. Checkpoints and resume state go to ``runs/``
+    beside the database.
     """
+    if sink not in SINKS:
+        raise UserError(f"sink {sink}: expected one of {', '.join(SINKS)}", "sink")
     db_path = resolve_db_path(db)
     if not resume:
         validate(cfg)  # bad options fail before a database is created
-    sink = DuckDBSink(db_path)
+    lake = default_lake(db_path)
+    run_id = cfg.run or default_run_name(cfg)
+    con = connect(db_path)  # the database now: a bad path fails before training
     try:
-        summary = train_with_sink(cfg, sink, resume=resume, db_dir=db_path.resolve().parent, on_progress=on_progress)
+        in_database = bool(con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0])
     finally:
-        sink.close()
+        con.close()
+    in_lake = (lake / f"run_id={run_id}" / "manifest.json").exists()
+    if in_database and not in_lake and not resume and sink == "lake":
+        raise UserError(f"run '{run_id}' exists already; use resume {run_id} or another run name", "resume")
+    if sink == "database" or (resume and in_database and not in_lake):  # resumed where it was recorded
+        writer = DuckDBSink(db_path)
+    else:
+        writer = ShardSink(lake, worker="train")
+    try:
+        summary = train_with_sink(cfg, writer, resume=resume, db_dir=db_path.resolve().parent,
+                                  on_progress=on_progress)
+    finally:
+        writer.close()
+    summary = {**summary, "merged": True}
+    if isinstance(writer, ShardSink):
+        try:
+            connect_merged(db_path).close()
+        except UserError as exc:
+            summary.update(merged=False, merge_error=str(exc))
     return {**summary, **run_epsilon(db_path, summary["run_id"])}
 
 

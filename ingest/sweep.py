@@ -55,7 +55,7 @@ def _name_part(key: str, value) -> str:
     if key in ("model", "dataset"):
         return str(value)
     text = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{ABBREVIATIONS.get(key, key + '=')}{text}"
+    return f"{ABBREVIATIONS.get(key, key + '_')}{text}"  # key_value: '=' would break the lake's hive folders
 
 
 #: The most runs a sweep may have unless the caller says more (``max_runs``): the grid's

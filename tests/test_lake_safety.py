@@ -494,7 +494,7 @@ def test_a_full_disk_during_a_train_commit_is_one_line_and_resumable(tmp_path, c
             return real_append(con, table, rows)
 
         monkeypatch.setattr(load, "append_rows", full)
-    line = _error(cli("train", *TRAIN_FLAGS, "--run", "f", "--db", db))
+    line = _error(cli("train", *TRAIN_FLAGS, "--run", "f", "--sink", "database", "--db", db))
     assert "No space left on device" in line, line
     assert ("step-00000001.pt" if where == "state" else str(db)) in line, line
     assert _q(db, "SELECT committed_step, count(DISTINCT step), count(*) FROM runs JOIN point_steps USING (run_id) "
@@ -503,6 +503,6 @@ def test_a_full_disk_during_a_train_commit_is_one_line_and_resumable(tmp_path, c
     monkeypatch.undo()
     r = cli("train", "--resume", "f", "--db", db)
     assert r.rc == 0, r
-    assert cli("train", *TRAIN_FLAGS, "--run", "f", "--db", ref).rc == 0
+    assert cli("train", *TRAIN_FLAGS, "--run", "f", "--sink", "database", "--db", ref).rc == 0
     assert len(_rows(db)) == STEPS * TRACKED
     assert _rows(db) == _rows(ref)

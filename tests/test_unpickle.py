@@ -68,7 +68,7 @@ def test_the_planted_pickle_would_run_if_loaded_unsafely(tmp_path):
 
 def test_train_resume_refuses_a_planted_resume_state(tmp_path, cli):
     db, marker = tmp_path / "w.duckdb", tmp_path / "marker"
-    r = cli("train", *TRAIN, "--run", "r", "--db", db)  # made here; attacked in a fresh process below
+    r = cli("train", *TRAIN, "--run", "r", "--sink", "database", "--db", db)  # made here; attacked below
     assert r.rc == 0, r
     # make it an incomplete run, committed up to step 1, whose saved state is the planted file
     con = duckdb.connect(str(db))

@@ -299,18 +299,31 @@ def test_subset_runs_record_membership(db, cli):
 
 
 def test_a_killed_run_is_listed_as_incomplete(db, cli):
+    """A run whose manifest still says running but whose worker process is gone (killed, out
+    of memory) is listed as incomplete: train writes through the lake beside the database."""
     import json
-
-    from dpledger import warehouse
 
     r = cli("train", *SMALL, "--model", "logreg", "--noise-multiplier", "1.0", "--epochs", "1", "--track", "3",
             "--run", "r", "--db", db)
     assert r.rc == 0
-    con = warehouse.connect(db)
-    (config,) = con.execute("SELECT config FROM runs").fetchall()[0]
-    config = json.loads(config)
-    assert config["worker"]["pid"] == os.getpid()
-    config["worker"]["pid"] = 2**22 + 12345  # no such process
-    con.execute("UPDATE runs SET status = 'running', config = ?", [json.dumps(config)])
-    con.close()
+    run_dir = db.parent / "lake" / "run_id=r"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["config"]["worker"]["pid"] == os.getpid()
+    run["config"]["worker"]["pid"] = 2**22 + 12345  # no such process
+    (run_dir / "run.json").write_text(json.dumps(run))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
     assert cli("runs", "--db", db, "--json").json()[0]["status"] == "incomplete"
+
+
+def test_sweep_run_names_are_safe_folder_names():
+    """A grid over an option without an abbreviation names runs key_value ('=' would break the
+    lake's run_id=... hive folders, and the run-name rule refuses it)."""
+    from dpledger.ingest.sinks import safe_run_id
+    from dpledger.ingest.sweep import expand
+
+    runs = [c.run for c in expand({"base": {"dataset": "digits", "noise_multiplier": 1.0},
+                                   "grid": {"momentum": [0, 0.9], "seed": [0]}})]
+    assert runs == ["momentum_0-s0", "momentum_0.9-s0"]
+    assert [safe_run_id(r) for r in runs] == runs

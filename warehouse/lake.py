@@ -109,14 +109,23 @@ def lake_runs(lake: str | os.PathLike) -> list[dict]:
     return runs
 
 
-def _columns(files: list[str]) -> set[str]:
-    """Columns the files have (a shard written without an optional column lacks it);
-    with ``hive_partitioning`` the run_id of the folder name is always there."""
+def _columns(files: list[str], required: set[str]) -> set[str]:
+    """Columns the files have (a shard written without an optional column lacks it; every
+    file's footer is read, and one lacking a ``required`` column — NOT NULL in the schema —
+    is refused, never read as NULLs); with ``hive_partitioning`` the run_id of the folder
+    name is always there."""
     import pyarrow.parquet as pq
 
     names = {"run_id"}
-    for f in {files[0], files[-1]}:
-        names.update(pq.read_schema(f).names)
+    for f in files:
+        try:
+            have = set(pq.read_schema(f).names) | {"run_id"}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{f}: not a readable Parquet shard ({str(exc).splitlines()[0]})") from None
+        missing = sorted(required - have)
+        if missing:
+            raise UserError(f"{f}: the shard lacks column {missing[0]}, which the table requires; refused")
+        names |= have
     return names
 
 
@@ -172,10 +181,11 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
             files = [f for r in runs for f in r["files"].get(table, [])]
             parts = []
             if files:
-                present = _columns(files)
-                types = dict(con.execute(
-                    "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
-                    [table]).fetchall())
+                schema = con.execute(
+                    "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+                    "WHERE table_schema = 'main' AND table_name = ?", [table]).fetchall()
+                types = {name: kind for name, kind, _ in schema}
+                present = _columns(files, {name for name, _, nullable in schema if nullable == "NO"})
                 select = [c if c in present else f"CAST(NULL AS {types[c]}) AS {c}" for c in cols]
                 parts.append(f"SELECT {', '.join(select)} FROM read_parquet({_sql_list(files)}, "
                              f"hive_partitioning = true, union_by_name = true)")

@@ -147,8 +147,8 @@ def progress(description: str, unit: str, *, disable: bool = False, info: bool =
         state = {"pending": description, "said": None}
 
         def say(**fields) -> None:
-            if disable:
-                return
+            if disable or not (fields.get("description") or fields.get("completed")):
+                return  # a phase's line waits for its first finished unit of work
             text = fields.get("description") or state["pending"]
             if text and text != state["said"]:
                 state["said"], state["pending"] = text, None

@@ -45,6 +45,8 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: 1 for logreg/mlp, else all).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue run RUN from its last committed step.")] = None,
+    sink: Annotated[str, typer.Option(help="lake: committed shards in lake/ beside the database, merged at the end "
+                                           "(readers never wait); database: straight into the database file.")] = "lake",
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -74,19 +76,22 @@ def train(
                 info += f"  eps {epsilon_from_rdp(per_step_rdp[key] * p['step'], p['delta'])[0]:.2f}"
             update(completed=p["step"], total=p["total"], info=info)
 
-        summary = do_train(cfg, db, resume=resume is not None, on_progress=on_progress)
+        summary = do_train(cfg, db, resume=resume is not None, sink=sink, on_progress=on_progress)
     if json:
         print_json(summary)
         return
     acc = f", test accuracy {summary['test_accuracy']:.3f}" if summary.get("test_accuracy") is not None else ""
     print(f"{summary['run_id']}: {summary['status']} after {summary['steps']} steps "
           f"({summary['rows']} point-step rows{', resumed at step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}{acc})")
+    if not summary.get("merged", True):
+        print(f"note: the run is committed in the lake but not merged into the database yet "
+              f"({summary['merge_error']}); the next `dpledger account` or `ingest shards` merges it")
     if summary.get("epsilon") is not None:
         calibrated = (f"; noise multiplier {summary['noise_multiplier']:.6g} calibrated for target epsilon "
                       f"{target_epsilon:g}" if target_epsilon is not None else "")
-        print(f"data-independent epsilon of the run: {summary['epsilon']:.4g} at delta {summary['delta']:g} "
-              f"(q = {summary['sample_rate']:.4g}, noise multiplier {summary['noise_multiplier']:.4g}, "
-              f"{summary['steps']} steps){calibrated}")
+        print(f"data-independent epsilon of the run: {summary['epsilon']:.4g} at delta {summary['delta']:g}"
+              + (f" (q = {summary['sample_rate']:.4g}, noise multiplier {summary['noise_multiplier']:.4g}, "
+                 f"{summary['steps']} steps)" if "sample_rate" in summary else "") + calibrated)
     elif summary.get("private") is False:
         print("not private (--disable-dp): no epsilon")
 
