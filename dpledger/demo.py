@@ -15,7 +15,7 @@ from dpledger.ingest.sinks import DuckDBSink
 from dpledger.ingest.worker import TrainConfig, train
 from dpledger.warehouse.accounting import account
 from dpledger.warehouse.db import connect
-from dpledger.warehouse.rank import rank
+from dpledger.warehouse.rank import rank, rank_summary
 from dpledger.warehouse.report_frames import build_report
 
 DEMO_RUN = "demo-digits-mlp"
@@ -53,9 +53,10 @@ def run_demo(out_dir: str | Path = "dpledger-demo", epochs: float = 8.0,
         phase("ranking the points")
         lowest = rank(con, DEMO_RUN, lowest=5)
         highest = rank(con, DEMO_RUN, highest=5)
+        notes = rank_summary(con, DEMO_RUN)["notes"]
         phase("writing the report and its charts")
         rep = build_report(con, DEMO_RUN, out / "report.html", png_dir=out / "charts")
     finally:
         con.close()
     return {"db": str(db), "train": trained, "account": accounted, "lowest": lowest, "highest": highest,
-            "report": rep}
+            "rank_notes": notes, "report": rep}

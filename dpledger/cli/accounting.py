@@ -17,7 +17,7 @@ def account(
     rule: Annotated[str, typer.Option(help="Composition rule: rdp (per run) or gla (Thudi et al., per configuration).")] = "rdp",
     delta: Annotated[Optional[float], typer.Option(help="Delta for epsilon (default: each run's delta).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact per-row RDP instead of the tabulated upper bound (slow on big runs).")] = False,
-    grid: Annotated[int, typer.Option(help="Cells of r = s/C for the tabulated fast path.")] = 1024,
+    grid: Annotated[int, typer.Option(help="Cells of the tabulated fast path's grid (2 to 65536).")] = 1024,
     legacy_scaling: Annotated[bool, typer.Option("--legacy-scaling", help="gla: the study's scaling (clipped norm / batch size), to reproduce its numbers.")] = False,
     fill: Annotated[str, typer.Option(help="Per-step ratios between recorded steps: step (hold last), linear, pchip, offset or nn.")] = "step",
     lake: Annotated[Optional[Path], typer.Option(help="Compose over a Parquet lake in place; results go to the database.")] = None,
@@ -74,11 +74,8 @@ def fit(
     json: JsonOption = False,
 ) -> None:
     """Fit per-step cost curves between checkpoints; with --holdout, how well each predicts held-out ones."""
-    import pyarrow as pa
-
+    from dpledger.analysis.fits import METRICS, format_table
     from dpledger.warehouse.fit_table import fit_run
-
-    from .output import emit
 
     with connected(db) as con:
         results = [fit_run(con, run, m, holdout, seed) for m in method]
@@ -89,12 +86,11 @@ def fit(
         for r in results:
             print(f"{r['run_id']}: fitted {r['method']} to {r['n_records']} records of {r['n_points']} points")
         return
-    cols = ["cost_mae", "cost_max_abs", "cost_mre_above_floor", "eps_mae", "eps_max_abs", "eps_mre", "eps_max_rel",
-            "eps_step_mae"]
-    table = pa.table({"method": [r["method"] for r in results],
-                      **{c: [r["metrics"].get(c) for r in results] for c in cols}})
-    emit(table, "table", title=f"{run}: every checkpoint i with i % {holdout} == {holdout - 1} held out "
-                                   "(per-step cost at order 8, per-point epsilon)")
+    # one line a method, named columns (no wrapping), only the metrics that are defined
+    keys = [k for k, _ in METRICS if any(r["metrics"].get(k) is not None for r in results)]
+    print(f"{run}: every checkpoint i with i % {holdout} == {holdout - 1} held out "
+          "(per-step cost at order 8, per-point epsilon)")
+    print(format_table([{"method": r["method"], **r["metrics"]} for r in results], columns=("method", *keys)))
 
 
 @app.command()
@@ -109,14 +105,19 @@ def rank(
 ) -> None:
     """Points of a run ranked by per-example epsilon, beside the run's data-independent epsilon."""
     from dpledger.warehouse.rank import rank as do_rank
+    from dpledger.warehouse.rank import rank_summary
 
     from .output import emit
 
     fmt = output_format(format, json)
     with connected(db, read_only=True) as con:
         table = do_rank(con, run, rule=rule, lowest=lowest, highest=highest)
+        summary = rank_summary(con, run, rule)
     which = f"highest {highest}" if highest is not None else (f"lowest {lowest}" if lowest is not None else "all")
     emit(table, fmt, title=f"{run}: points by epsilon ({rule}, {which})")
+    if fmt == "table":  # ties at the top or bottom, coverage, gla's looser bound: what the table alone hides
+        for note in summary["notes"]:
+            print(f"note: {note}")
 
 
 @app.command()

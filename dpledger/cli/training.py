@@ -162,6 +162,8 @@ def demo(
           f"{a['epsilon_max']:.3f}; the run's data-independent epsilon is {a['run_epsilon']:.3f} (delta {a['delta']:g})")
     emit(summary["lowest"], "table", title="5 points paying the least privacy")
     emit(summary["highest"], "table", title="5 points paying the most privacy")
+    for note in summary["rank_notes"]:
+        print(f"note: {note}")
     rep = summary["report"]
     print(f"report: {rep['html']} (opens offline), charts: {len(rep['pngs'])} PNGs in "
           f"{Path(rep['pngs'][0]).parent if rep['pngs'] else '-'}")
