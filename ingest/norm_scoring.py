@@ -68,7 +68,12 @@ def score_norms(con, run_id: str, checkpoints: str = "all", points: str = "all",
         raise UserError(f"executor {executor}: expected local or ray", "executor")
     cfg = stored_train_config(con, run_id)
     steps = first(con.execute("SELECT steps FROM runs WHERE run_id = ?", [run_id]))[0]
-    chosen = [(s, p) for s, p in choose_checkpoints(con, run_id, checkpoints) if s + 1 < int(steps)]
+    # a checkpoint after step t gives the norms of step t + 1: one at the run's last step has
+    # nothing left to score, so "last" is the last checkpoint that has
+    chosen = [(s, p) for s, p in choose_checkpoints(con, run_id, "all" if checkpoints == "last" else checkpoints)
+              if s + 1 < int(steps)]
+    if checkpoints == "last":
+        chosen = chosen[-1:]
     if not chosen:
         raise UserError(f"run '{run_id}': no checkpoint before its last step to score")
     require_files(run_id, chosen)

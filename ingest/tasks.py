@@ -18,7 +18,7 @@ from dpledger.analysis.validate import ParameterError
 from dpledger.warehouse.errors import UserError
 
 from .sinks import RunLocked, ShardSink
-from .worker import TrainConfig, train, validate
+from .worker import TrainConfig, differing_options, train, validate
 
 
 def train_in_lake(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
@@ -33,6 +33,11 @@ def train_in_lake(cfg_dict: dict, lake: str, worker: str, threads: int) -> dict:
     try:
         validate(cfg)  # options refused before anything is written (not even the run's folder)
         sink = ShardSink(lake, worker=worker)
+        stored = (sink.stored_config(cfg.run) or {}).get("train") if sink.run_exists(cfg.run) else None
+        changed = differing_options(stored, cfg) if stored else []
+        if changed:  # the same name, another configuration: never reuse (nor extend) the stale run
+            raise UserError(f"run {cfg.run} exists in the lake with other options ({'; '.join(changed)}); "
+                            f"give the run another name or remove {sink.run_dir(cfg.run)}")
         if _finished(sink, cfg.run):  # nothing written, not even a lock
             return {"run_id": cfg.run, "status": "finished", "skipped": "finished already"}
     except (UserError, ParameterError) as exc:

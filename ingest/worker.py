@@ -156,6 +156,19 @@ _OPTION_TYPES = _option_types()
 _OPTION_TYPES["track"] = {str, int}  # all, none, a file, or a number of points (track = 100 in a sweep file)
 
 
+#: TrainConfig fields that say how a run is executed, not what it computes: a stored run
+#: may be continued with other values of these.
+EXECUTION_FIELDS = ("run", "run_dir", "threads", "device", "commit_every", "commit_seconds")
+
+
+def differing_options(stored: dict, cfg: TrainConfig) -> list[str]:
+    """The options (``name stored -> new``) in which ``cfg`` differs from a stored run's
+    ``train`` options: a run's identity is its whole configuration, not its name."""
+    mine = asdict(cfg)
+    return [f"{name} {stored.get(name)!r} -> {mine[name]!r}" for name in mine
+            if name not in EXECUTION_FIELDS and stored.get(name, mine[name]) != mine[name]]
+
+
 def default_run_name(cfg: TrainConfig) -> str:
     parts = [cfg.dataset, cfg.model, f"s{cfg.seed}"]
     if cfg.disable_dp:

@@ -64,7 +64,10 @@ def test_account_lake_writes_results_to_a_database(lake_and_db, tmp_path, cli):
     assert con.execute("SELECT count(*) FROM point_steps").fetchall() == [(0,)]  # nothing loaded
     con.close()
     ranked = cli("rank", "--run", "s0", "--lowest", "3", "--db", out, "--json").json()
-    assert [x["rank"] for x in ranked] == [1, 2, 3] and ranked[0]["label"] is not None
+    eps = [x["epsilon"] for x in ranked]
+    # SQL rank(): equal epsilon, equal rank (at C = 0.5 a logreg's points are clipped at most steps)
+    assert [x["rank"] for x in ranked] == [1 + sum(e < x for e in eps) for x in eps] and eps == sorted(eps)
+    assert ranked[0]["label"] is not None
 
 
 def test_unlisted_files_are_not_read(lake_and_db, tmp_path):

@@ -67,3 +67,16 @@ def test_norms_bad_input(untracked, cli):
                            (["--run", "u", "--checkpoints", "999"], "no checkpoint at step 999")):
         r = cli("norms", *args, "--db", untracked)
         assert r.rc == 2 and fragment in r.err, (args, r)
+
+
+def test_norms_of_the_last_checkpoint(untracked, cli):
+    """--checkpoints last scores the last checkpoint that has a step after it (one saved at the
+    run's last step has nothing left to score; it used to make 'last' always fail)."""
+    db = untracked
+    ckpts = [c[0] for c in _q(db, "SELECT step FROM checkpoints ORDER BY step")]
+    assert ckpts[-1] == 11  # the run's last step (12 steps) has a checkpoint: the old 'last'
+    r = cli("norms", "--run", "u", "--checkpoints", "last", "--db", db, "--json")
+    assert r.rc == 0, r
+    last = max(s for s in ckpts if s + 1 < 12)
+    assert r.json()["checkpoints"] == [last] and r.json()["steps"] == [last + 1]
+    assert _q(db, "SELECT DISTINCT step FROM point_steps") == [(last + 1,)]

@@ -327,3 +327,23 @@ def test_sweep_run_names_are_safe_folder_names():
                                    "grid": {"momentum": [0, 0.9], "seed": [0]}})]
     assert runs == ["momentum_0-s0", "momentum_0.9-s0"]
     assert [safe_run_id(r) for r in runs] == runs
+
+
+def test_a_sweep_refuses_a_stale_run_of_the_same_name(tmp_path, cli):
+    """A run's identity is its whole configuration: changing [base] and sweeping again does not
+    report the old run as 'finished already' and keep it; it fails, naming what differs."""
+    config = tmp_path / "s.toml"
+    base = '[base]\ndataset = "digits"\nmodel = "{model}"\nepochs = 1\nn_train = 60\nbatch_size = 20\ntrack = "3"\n' \
+           '[grid]\nseed = [0]\nnoise_multiplier = [0.8]\n'
+    config.write_text(base.format(model="logreg"))
+    db = tmp_path / "w.duckdb"
+    assert cli("sweep", config, "--db", db).rc == 0
+    config.write_text(base.format(model="mlp"))
+    r = cli("sweep", config, "--db", db, "--json")
+    assert r.rc == 2
+    (run,) = r.json()["runs"]
+    assert run["status"] == "failed" and "model 'logreg' -> 'mlp'" in run["error"], run
+    assert _q(db, "SELECT model FROM runs") == [("logreg",)]  # the old run untouched, nothing merged into it
+    config.write_text(base.format(model="logreg"))  # the same configuration again: finished already
+    r = cli("sweep", config, "--db", db, "--json")
+    assert r.rc == 0 and r.json()["runs"][0]["skipped"] == "finished already"

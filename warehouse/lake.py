@@ -11,8 +11,10 @@ them. ``dpledger account --lake`` composes per-example ε over the lake the same
 DuckDB streams Parquet, so scans run out of core; ``memory_limit`` and
 ``temp_directory`` bound what joins and sorts may hold in memory before spilling.
 
-With ``db`` the warehouse file is attached read-only and its rows are added to the
-lake's (a run in both is read from the lake).
+With ``db`` the warehouse file is attached read-only: every table holds the database's
+rows plus the rows of the committed shards the database has not merged yet (its
+``ingests`` ledger says which it has), and a run's ``runs`` row comes from the lake when
+the lake has the run (its live status and committed step).
 """
 
 from __future__ import annotations
@@ -175,10 +177,16 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
             if theirs != latest_version():
                 raise UserError(f"{db} has schema version {theirs} but this dpledger expects {latest_version()}; "
                                 "upgrade it with `dpledger init` or dpledger.init()")
-        lake_ids = [r["run"]["run_id"] for r in runs]
+        # shards the database has merged already (its ingest ledger: run, table, file name):
+        # their rows are read from the database, every other committed shard from the lake
+        merged = set()
+        if attached:
+            merged = {(run_id, kind.partition(":")[2], Path(path).name) for run_id, kind, path in con.execute(
+                "SELECT target, kind, path FROM wh.main.ingests WHERE kind LIKE 'shard:%'").fetchall()}
         views = {}
         for table, cols in {**FACT_COLUMNS, **RUN_FILES}.items():
-            files = [f for r in runs for f in r["files"].get(table, [])]
+            files = [f for r in runs for f in r["files"].get(table, [])
+                     if (r["run"]["run_id"], table, Path(f).name) not in merged]
             parts = []
             if files:
                 schema = con.execute(
@@ -190,8 +198,7 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
                 parts.append(f"SELECT {', '.join(select)} FROM read_parquet({_sql_list(files)}, "
                              f"hive_partitioning = true, union_by_name = true)")
             if attached:
-                skip = "" if table == "points" else " WHERE run_id NOT IN (SELECT unnest($lake_runs))"
-                parts.append(f"SELECT {', '.join(cols)} FROM wh.main.{table}{skip}")
+                parts.append(f"SELECT {', '.join(cols)} FROM wh.main.{table}")
             if parts:
                 views[table] = " UNION ALL ".join(parts)
         con.execute("BEGIN TRANSACTION")
@@ -199,8 +206,10 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
             if table == "points":  # every run stores its dataset's points: one row each, with a thumbnail if any has
                 sql = (f"SELECT DISTINCT ON (dataset, point_id) * FROM ({sql}) "
                        f"ORDER BY dataset, point_id, thumbnail IS NULL")
+            elif table == "membership":  # a run's file and its merged copy
+                sql = f"SELECT DISTINCT * FROM ({sql})"
             con.execute(f"DROP TABLE main.{table}")
-            con.execute(f"CREATE VIEW main.{table} AS {sql.replace('$lake_runs', _sql_str_list(lake_ids))}")
+            con.execute(f"CREATE VIEW main.{table} AS {sql}")
         for r in runs:
             row = {c: r["run"].get(c) for c in RUN_COLUMNS}
             row["status"] = r["manifest"].get("status", row.get("status"))
@@ -233,8 +242,3 @@ def connect_lake(lake: str | os.PathLike, db: str | os.PathLike | None = None, *
         con.close()
         raise
     return con
-
-
-def _sql_str_list(values: list[str]) -> str:
-    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]::VARCHAR[]" if values \
-        else "[]::VARCHAR[]"
