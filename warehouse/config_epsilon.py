@@ -3,7 +3,8 @@
 Layer: ``warehouse`` (a derived-table job). For each point: the mean, min and max of
 its per-run ε, and the ε of the expectation over runs (``rdp``: of the mean RDP curve,
 through :func:`analysis.composition.epsilon`; ``gla``: the rule's own expectation, as
-:mod:`warehouse.account_gla` computed it).
+:mod:`warehouse.account_gla` computed it; ``pld``: NULL — the PLD accountant keeps no
+per-run curve to average, so only mean/min/max over runs).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def refresh_config_epsilon(con, config_key: str, rule: str, gla_expected: dict |
         curves = np.stack(tbl.column("rdp").to_numpy(zero_copy_only=False))
         mean_curve = np.add.reduceat(curves, start, axis=0) / counts[:, None]
         out["epsilon_expected"], out["best_order_expected"] = composition.epsilon(mean_curve, delta, orders)
+    elif rule == "pld":
+        out["epsilon_expected"] = np.full(len(pids), None, dtype=object)
+        out["best_order_expected"] = np.full(len(pids), None, dtype=object)
     else:
         lookup = dict(zip(gla_expected["point_ids"].tolist(), range(len(gla_expected["point_ids"])))) if gla_expected else {}
         idx = [lookup.get(int(p)) for p in pids]
@@ -55,8 +59,8 @@ def refresh_config_epsilon(con, config_key: str, rule: str, gla_expected: dict |
         "epsilon_mean": pa.array(out["epsilon_mean"], pa.float64()),
         "epsilon_min": pa.array(out["epsilon_min"], pa.float64()),
         "epsilon_max": pa.array(out["epsilon_max"], pa.float64()),
-        "epsilon_expected": pa.array(out["epsilon_expected"], pa.float64()),
-        "best_order_expected": pa.array(out["best_order_expected"], pa.float64()),
+        "epsilon_expected": pa.array(list(out["epsilon_expected"]), pa.float64()),
+        "best_order_expected": pa.array(list(out["best_order_expected"]), pa.float64()),
         "delta": pa.array(np.full(len(pids), delta)),
     })
     append_arrow(con, "config_epsilon", rows)

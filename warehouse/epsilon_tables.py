@@ -1,8 +1,9 @@
 """The rows every accounting rule writes: ``accountings``, ``point_epsilon``, and the run summary.
 
 Layer: ``warehouse`` (a derived-table job's writers; the conversion to ε is
-:func:`analysis.composition.epsilon`). Both rules (:mod:`warehouse.account_rdp`,
-:mod:`warehouse.account_gla`) write through these, inside their own transaction.
+:func:`analysis.composition.epsilon`). The rules (:mod:`warehouse.account_rdp`,
+:mod:`warehouse.account_gla`; :mod:`warehouse.account_pld` writes its own ε rows) write
+through these, inside their own transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from .errors import UserError
 from .runs import RunInfo
 from .sqlutil import append_arrow
 
-RULES = ("rdp", "gla")
+#: Composition labels of ``point_epsilon``/``accountings``: ``rdp`` (per-step sum, Rényi DP),
+#: ``gla`` (Thudi et al.) and ``pld`` (the same per-step sum as rdp, accounted by privacy loss
+#: distributions: :mod:`warehouse.account_pld`).
+RULES = ("rdp", "gla", "pld")
 
 
 def check_rule(rule: str) -> None:

@@ -15,6 +15,10 @@ top and at the bottom, whether the top ties sit at the run's ε (clipped at ever
 how many points' norms cover only part of the run, and, for the ``gla`` rule, how many
 points exceed the run's data-independent ε (see :mod:`warehouse.account_gla`). Its
 ``notes`` are sentences a front end can print as they are.
+
+Rule ``pld`` (the PLD accountant of the same per-step sum, ``--accountant pld``): the
+run's ε beside the points is the run's data-independent *PLD* ε
+(:func:`warehouse.account_pld.run_epsilon_pld` at the accounting's δ), not RDP's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from .account_gla import GLA_ABOVE_RUN
+from .account_pld import PLD_MEANING, run_epsilon_pld
 from .epsilon_tables import check_rule, require_accounted
 from .errors import UserError
 from .runs import require_run
@@ -44,6 +49,18 @@ def _check(con, run_id: str, rule: str, lowest, highest) -> None:
     require_accounted(con, run_id, rule)
 
 
+def reference_epsilon(con, run_id: str, rule: str) -> float | None:
+    """The run ε that rule's per-example ε compares to: None (the view's RDP run ε) except for ``pld``,
+    where it is the data-independent PLD ε at the δ of the run's pld accounting."""
+    if rule != "pld":
+        return None
+    row = con.execute("SELECT r.sample_rate, r.noise_multiplier, r.steps, a.delta FROM runs r JOIN accountings a "
+                      "USING (run_id) WHERE r.run_id = ? AND a.rule = 'pld'", [run_id]).fetchall()
+    if not row:
+        return None
+    return run_epsilon_pld(*row[0])
+
+
 def rank(con, run_id: str, rule: str = "rdp", lowest: int | None = None, highest: int | None = None) -> pa.Table:
     """The run's points by per-example ε: lowest first (default) or highest first.
 
@@ -54,10 +71,12 @@ def rank(con, run_id: str, rule: str = "rdp", lowest: int | None = None, highest
     _check(con, run_id, rule, lowest, highest)
     by = "rank_highest" if highest is not None else "rank_lowest"
     limit = highest if highest is not None else lowest
+    ref = reference_epsilon(con, run_id, rule)
     return con.sql(
-        f"SELECT point_id, label, epsilon, {by} AS rank, n_tied, run_epsilon, ratio, covered_fraction, best_order "
+        f"SELECT point_id, label, epsilon, {by} AS rank, n_tied, coalesce($ref, run_epsilon) AS run_epsilon, "
+        f"coalesce(epsilon / $ref, ratio) AS ratio, covered_fraction, best_order "
         f"FROM point_rank WHERE run_id = $run AND rule = $rule ORDER BY {by}, point_id LIMIT $n",
-        params={"run": run_id, "rule": rule, "n": limit if limit is not None else 2**62},
+        params={"run": run_id, "rule": rule, "n": limit if limit is not None else 2**62, "ref": ref},
     ).to_arrow_table()
 
 
@@ -73,22 +92,24 @@ def rank_summary(con, run_id: str, rule: str = "rdp") -> dict:
     (points whose norms cover fewer steps than the run has) and ``notes`` (sentences).
     """
     _check(con, run_id, rule, None, None)
+    ref = reference_epsilon(con, run_id, rule)
     row = con.execute(
+        "WITH k AS (SELECT epsilon, rank_highest, rank_lowest, covered_fraction, "
+        "CAST(coalesce(?, run_epsilon) AS DOUBLE) AS run_epsilon FROM point_rank WHERE run_id = ? AND rule = ?) "
         "SELECT count(*), any_value(run_epsilon), max(epsilon), min(epsilon), "
         "count(*) FILTER (WHERE rank_highest = 1), count(*) FILTER (WHERE rank_lowest = 1), "
         "count(*) FILTER (WHERE abs(epsilon - run_epsilon) <= ? * run_epsilon), "
         "count(*) FILTER (WHERE epsilon > run_epsilon * (1 + ?)), "
-        "count(*) FILTER (WHERE covered_fraction < 1) "
-        "FROM point_rank WHERE run_id = ? AND rule = ?",
-        [RUN_EPSILON_RTOL, RUN_EPSILON_RTOL, run_id, rule]).fetchall()[0]
+        "count(*) FILTER (WHERE covered_fraction < 1) FROM k",
+        [ref, run_id, rule, RUN_EPSILON_RTOL, RUN_EPSILON_RTOL]).fetchall()[0]
     n, run_eps, eps_max, eps_min, ties_hi, ties_lo, at_run, above, partial = row
     top_at_run = run_eps is not None and abs(eps_max - run_eps) <= RUN_EPSILON_RTOL * run_eps
     notes = []
     if ties_hi > 1:
-        where = (" at the run's epsilon (clipped at every step)" if top_at_run and rule == "rdp"
+        where = (" at the run's epsilon (clipped at every step)" if top_at_run and rule in ("rdp", "pld")
                  else " at the run's epsilon" if top_at_run else "")
         notes.append(f"{ties_hi} points tie at the highest epsilon {eps_max:.6g}{where}; they share rank 1")
-    elif top_at_run and rule == "rdp":
+    elif top_at_run and rule in ("rdp", "pld"):
         notes.append("the highest epsilon equals the run's (that point is clipped at every step)")
     if ties_lo > 1:
         notes.append(f"{ties_lo} points tie at the lowest epsilon {eps_min:.6g}; they share rank 1 from the bottom")
@@ -97,6 +118,8 @@ def rank_summary(con, run_id: str, rule: str = "rdp") -> dict:
                      "their epsilon covers that part only")
     if above and rule == "gla":
         notes.append(GLA_ABOVE_RUN.format(n=above, points=n, run_epsilon=run_eps))
+    if rule == "pld":
+        notes.append(f"run epsilon {run_eps:.6g} is the run's data-independent PLD epsilon. {PLD_MEANING}")
     return {"run_id": run_id, "rule": rule, "points": int(n), "run_epsilon": run_eps, "epsilon_max": eps_max,
             "epsilon_min": eps_min, "ties_highest": int(ties_hi), "ties_lowest": int(ties_lo),
             "highest_at_run_epsilon": bool(top_at_run), "at_run_epsilon": int(at_run),

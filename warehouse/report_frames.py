@@ -25,12 +25,14 @@ import pandas as pd
 from dpledger.analysis import charts, composition, fits, grid, rdp
 from dpledger.analysis.html_report import Section, write_report
 
+from .account_pld import PLD_MEANING
 from .account_rdp import ensure_grid
 from .coverage import coverage, stream
 from .db import connect
 from .epsilon_tables import NotAccounted
 from .errors import UserError
 from .fit_table import run_records
+from .rank import reference_epsilon
 from .runs import RunInfo, load_run, require_run
 
 MEANING = [
@@ -317,6 +319,8 @@ def report_frames(con, run_id: str, rule: str = "rdp", k: int = 10) -> RunFrames
         raise NotAccounted(run_id, rule)
     run_eps = _df(con, "SELECT epsilon FROM run_epsilon WHERE run_id = $run", {"run": run_id}).epsilon.iloc[0]
     run_eps = None if pd.isna(run_eps) else float(run_eps)
+    if rule == "pld":  # the PLD per-example ε compares to the run's data-independent PLD ε
+        run_eps = reference_epsilon(con, run_id, rule)
     ranks = _df(con, "SELECT point_id, label, epsilon, rank_lowest, rank_highest FROM point_rank "
                      "WHERE run_id = $run AND rule = $rule", {"run": run_id, "rule": rule})
     labels = _df(con, "SELECT point_id, label FROM points WHERE dataset = $ds AND point_id IN "
@@ -440,7 +444,8 @@ def _fmt(x) -> str:
 SUMMARY_LABELS = {
     "run_id": "run", "dataset": "dataset", "model": "model", "private": "trained with DP-SGD",
     "sample_rate": "sample rate q", "noise_multiplier": "noise multiplier σ", "max_grad_norm": "clipping norm C",
-    "steps": "steps", "delta": "δ", "run_epsilon": "data-independent ε", "rule": "composition rule",
+    "steps": "steps", "delta": "δ", "run_epsilon": "data-independent ε",
+    "run_epsilon_pld": "data-independent ε (PLD accountant)", "rule": "composition rule",
     "points_accounted": "points accounted", "points_at_max": "points at the highest ε (tied)",
     "points_partial": "points with norms for part of the steps",
     "test_accuracy": "test accuracy (last evaluation)",
@@ -461,7 +466,39 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
             q = [summary[k] for k, _ in _QUANTILES]
             rows.append(("per-example ε: min / 5% / 25% / median", " / ".join(f"{v:.3f}" for v in q[:4])))
             rows.append(("per-example ε: 75% / 95% / max", " / ".join(f"{v:.3f}" for v in q[4:])))
+        if key == "points_accounted":
+            for acct in ACCOUNTANTS:
+                if f"{acct}_epsilon_min" in summary:
+                    q = [summary[f"{acct}_{k}"] for k, _ in _QUANTILES]
+                    rows.append((f"per-example ε ({acct.upper()} accountant): min / 5% / 25% / median / 75% / 95% / max",
+                                 " / ".join(f"{v:.3f}" for v in q)))
     return rows
+
+
+#: The two accountants of the per-step sum composition, as ``point_epsilon`` labels.
+ACCOUNTANTS = ("rdp", "pld")
+#: What the difference between the two accountants' per-example ε means (the report's line).
+ACCOUNTANT_DIFFERENCE = (
+    "Per-example ε under both accountants of the same per-step composition: RDP's conversion to (ε, δ) is loose, the "
+    "PLD accountant is tight (10-20% lower for DP-SGD), so the difference is slack of the RDP bound, not privacy the "
+    "points pay more or less. " + PLD_MEANING
+)
+
+
+def _accountant_quantiles(con, run_id: str) -> dict:
+    """``rdp_epsilon_min`` ... and ``pld_epsilon_min`` ... (quantiles of :data:`_QUANTILES`) and
+    ``run_epsilon_pld``, when the run is accounted under both accountants; else {}."""
+    got = {}
+    for acct in ACCOUNTANTS:
+        eps = con.execute("SELECT epsilon FROM point_epsilon WHERE run_id = ? AND rule = ? AND isfinite(epsilon)",
+                          [run_id, acct]).fetchnumpy()["epsilon"]
+        if len(eps) == 0:
+            return {}
+        got.update({f"{acct}_{key}": float(v)
+                    for (key, _), v in zip(_QUANTILES, np.quantile(np.asarray(eps, dtype=np.float64),
+                                                                    [p for _, p in _QUANTILES]))})
+    got["run_epsilon_pld"] = _num(reference_epsilon(con, run_id, "pld"))
+    return got
 
 
 def _training_text(training: pd.DataFrame, run_id: str) -> str:
@@ -533,6 +570,8 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
     summary.update({key: float(v) for (key, _), v in zip(_QUANTILES, q)})
     summary["points_at_max"] = int((eps == eps.max()).sum())
     summary["points_partial"] = partial
+    both = _accountant_quantiles(con, run_id) if rule in ACCOUNTANTS else {}
+    summary.update(both)
     summary["test_accuracy"] = _num(acc[0][0]) if acc else None
     band_note = (f"bands over a random sample of {f.band_points} of the {f.points_total} points (seed 0)"
                  if f.band_points < f.points_total else f"bands over all {f.band_points} points")
@@ -584,6 +623,11 @@ def build_report(con, run_id: str, out: str | os.PathLike, png_dir: str | os.Pat
                                 _training_text(f.training, run_id)))
     sections += _left_out_section(f.left_out)
     notes = list(MEANING)
+    if rule == "pld":
+        notes.append("Rule pld is the tight privacy-loss-distribution accountant of the same per-step sum as rule rdp, "
+                     "shown beside the run's data-independent PLD ε. " + PLD_MEANING)
+    if both:
+        notes.append(ACCOUNTANT_DIFFERENCE)
     if partial:
         notes.append(f"{partial} points have norms for only part of the run's steps; their ε covers that part.")
     return _write(out, png_dir, run_id, summary, sections, notes, f.left_out)

@@ -11,6 +11,21 @@ from .common import (DbOption, EpochsHelp, FormatOption, JsonOption, NoiseMultip
                      err, output_format, print_json, progress)
 
 
+def rule_of(rule: str, accountant: str) -> str:
+    """The composition label of ``point_epsilon`` that (--rule, --accountant) read: ``pld`` for the PLD
+    accountant (of rule rdp's per-step sum), else the rule."""
+    from dpledger.warehouse.errors import UserError
+
+    if accountant not in ("rdp", "pld"):
+        raise UserError(f"accountant {accountant}: expected one of rdp, pld", "accountant")
+    if accountant == "pld":
+        if rule not in ("rdp", "pld"):
+            raise UserError(f"accountant pld goes with rule rdp only (rule {rule} has its own composition)",
+                            "accountant", "rule")
+        return "pld"
+    return rule
+
+
 @app.command()
 def account(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Run to account (repeatable) (default: every run with norms).")] = None,
@@ -20,6 +35,7 @@ def account(
     grid: Annotated[int, typer.Option(help="Cells of the tabulated fast path's grid (2 to 65536).")] = 1024,
     legacy_scaling: Annotated[bool, typer.Option("--legacy-scaling", help="gla: the study's scaling (clipped norm / batch size), to reproduce its numbers.")] = False,
     fill: Annotated[str, typer.Option(help="Per-step ratios between recorded steps: step (hold last), linear, pchip, offset or nn.")] = "step",
+    accountant: Annotated[str, typer.Option(help="rdp, or pld: the tight privacy-loss-distribution accountant of the same per-step sum (rule rdp only; stored as rule pld beside the rdp rows).")] = "rdp",
     lake: Annotated[Optional[Path], typer.Option(help="Compose over a Parquet lake in place; results go to the database.")] = None,
     executor: Annotated[str, typer.Option(help="With --lake: local, or ray (one task per run).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (with --executor ray).")] = None,
@@ -29,7 +45,14 @@ def account(
 ) -> None:
     """Compute per-example epsilon (point_epsilon) for runs under a composition rule."""
     options = dict(rule=rule, delta=delta, exact=exact, grid=grid, legacy_scaling=legacy_scaling, fill=fill)
+    if accountant != "rdp":
+        options["accountant"] = accountant
     if lake is not None:
+        if accountant != "rdp":
+            from dpledger.warehouse.errors import UserError
+
+            raise UserError("--accountant pld reads the database, not --lake (ingest or merge the lake first)",
+                            "accountant", "lake")
         import tempfile
 
         from dpledger.lake_accounting import account_lake
@@ -40,9 +63,10 @@ def account(
     else:
         from dpledger.warehouse.accounting import account as do_account
 
-        with connected(db) as con, progress(f"accounting ({rule})", "runs", disable=json) as update:
+        label = "pld" if accountant == "pld" else rule
+        with connected(db) as con, progress(f"accounting ({label})", "runs", disable=json) as update:
             summaries = do_account(con, run, on_run=lambda name, i, n: update(
-                description=f"accounting {name} ({rule})", completed=i, total=n), **options)
+                description=f"accounting {name} ({label})", completed=i, total=n), **options)
     if json:
         print_json(summaries)
         return
@@ -53,10 +77,13 @@ def account(
         if "skipped" in s:
             print(f"{s['run_id']}: skipped ({s['skipped']})")
             continue
-        how = "exact" if s["exact"] else "tabulated upper bound"
+        how = ("pessimistic upper bound" if s["rule"] == "pld" else "exact" if s["exact"]
+               else "tabulated upper bound")
         print(f"{s['run_id']} [{s['rule']}, {how}, delta={s['delta']:g}]: {s['points']} points, epsilon "
               f"min {s['epsilon_min']:.4g} / median {s['epsilon_median']:.4g} / max {s['epsilon_max']:.4g}; "
-              f"data-independent epsilon of the run {s['run_epsilon']:.4g}")
+              f"data-independent {'PLD ' if s['rule'] == 'pld' else ''}epsilon of the run {s['run_epsilon']:.4g}")
+        if s.get("meaning"):
+            print(f"  {s['meaning']}")
         if s["points_partially_covered"]:
             print(f"  note: {s['points_partially_covered']} points have norms for only part of the run's "
                   f"{s['steps']} steps; their epsilon covers the recorded part")
@@ -99,6 +126,7 @@ def rank(
     lowest: Annotated[Optional[int], typer.Option(help="The N points with the lowest epsilon.")] = None,
     highest: Annotated[Optional[int], typer.Option(help="The N points with the highest epsilon.")] = None,
     rule: Annotated[str, typer.Option(help="Composition rule the epsilons were computed with.")] = "rdp",
+    accountant: Annotated[str, typer.Option(help="rdp, or pld: the PLD epsilons (account --accountant pld), beside the run's PLD epsilon.")] = "rdp",
     format: FormatOption = "table",
     db: DbOption = None,
     json: JsonOption = False,
@@ -109,6 +137,7 @@ def rank(
 
     from .output import emit
 
+    rule = rule_of(rule, accountant)
     fmt = output_format(format, json)
     with connected(db, read_only=True) as con:
         table = do_rank(con, run, rule=rule, lowest=lowest, highest=highest)
@@ -128,7 +157,7 @@ def budget(
     target_epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon (gives the noise multiplier).")] = None,
     steps: StepsOption = None,
     epochs: Annotated[Optional[float], typer.Option(help=EpochsHelp)] = None,
-    accountant: Annotated[str, typer.Option(help="rdp, prv or gdp.")] = "rdp",
+    accountant: Annotated[str, typer.Option(help="rdp, prv, gdp or pld (tight privacy loss distributions; no --target-epsilon).")] = "rdp",
     json: JsonOption = False,
 ) -> None:
     """Epsilon of DP-SGD (or the noise multiplier for a target epsilon), no training needed."""

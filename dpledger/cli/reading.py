@@ -99,6 +99,7 @@ def links(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Run(s) to link (repeatable).")] = None,
     config: Annotated[Optional[str], typer.Option(help="All runs of a config_key or study_key.")] = None,
     rule: Annotated[str, typer.Option(help="Composition rule of the epsilons.")] = "rdp",
+    accountant: Annotated[str, typer.Option(help="rdp, or pld: the PLD epsilons (account --accountant pld).")] = "rdp",
     k: Annotated[int, typer.Option(help="k of the top-k overlap.")] = 10,
     by: Annotated[Optional[str], typer.Option(help="Also summarise per group: label or an attribute (e.g. race).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
@@ -110,8 +111,10 @@ def links(
 
     from dpledger.warehouse.point_links import links as do_links
 
+    from .accounting import rule_of
     from .output import print_table, records
 
+    rule = rule_of(rule, accountant)
     fmt = output_format(format, json)
     if fmt == "csv":
         raise UserError("format csv: links prints several tables; use table or json", "format")
@@ -139,6 +142,7 @@ def report(
     out: Annotated[Path, typer.Option(help="HTML file to write (self-contained, opens offline).")] = Path("report.html"),
     png: Annotated[Optional[Path], typer.Option(help="Also write each chart as a PNG into this folder.")] = None,
     rule: Annotated[str, typer.Option(help="Composition rule of the epsilons shown.")] = "rdp",
+    accountant: Annotated[str, typer.Option(help="rdp, or pld: show the PLD epsilons (account --accountant pld) beside the run's PLD epsilon.")] = "rdp",
     k: Annotated[int, typer.Option(help="Points in the lowest/highest gallery.")] = 10,
     db: DbOption = None,
     json: JsonOption = False,
@@ -146,6 +150,9 @@ def report(
     """Write an HTML report (Altair charts inlined) of a run's per-example privacy."""
     from dpledger.warehouse.report_frames import report as do_report
 
+    from .accounting import rule_of
+
+    rule = rule_of(rule, accountant)
     result = do_report(db, run, out, png, rule=rule, k=k)
     if json:
         print_json(result)

@@ -5,7 +5,10 @@
 -- Beside them: the run's data-independent epsilon, the covered fraction of the run's
 -- steps (norms recorded for only part of training make a point's epsilon cover that
 -- part only), and the rank of each example averaged over the runs of its configuration
--- with its spread.
+-- with its spread. For rule 'pld' (the PLD accountant of the same per-step sum) run_epsilon
+-- and ratio are NULL here: the run's data-independent PLD epsilon is no SQL function
+-- (run_epsilon is RDP's); `dpledger rank --accountant pld` fills them in from
+-- analysis.pld.data_independent_epsilon_pld.
 CREATE OR REPLACE VIEW point_rank AS
 WITH ranked AS (
     SELECT pe.run_id, pe.point_id, pe.rule, pe.epsilon, pe.best_order, pe.steps_covered, r.steps, r.config_key,
@@ -17,7 +20,8 @@ WITH ranked AS (
     FROM point_epsilon pe JOIN runs r USING (run_id)
 )
 SELECT k.run_id, k.point_id, k.rule, k.epsilon, k.best_order, k.rank_lowest, k.rank_highest, k.n_points, k.n_tied,
-       re.epsilon AS run_epsilon, k.epsilon / re.epsilon AS ratio,
+       CASE WHEN k.rule <> 'pld' THEN re.epsilon END AS run_epsilon,
+       CASE WHEN k.rule <> 'pld' THEN k.epsilon / re.epsilon END AS ratio,
        k.steps_covered, CAST(k.steps_covered AS DOUBLE) / nullif(k.steps, 0) AS covered_fraction,
        p.label,
        avg(k.rank_lowest) OVER (PARTITION BY k.config_key, k.rule, k.point_id) AS mean_rank_lowest,
