@@ -68,6 +68,15 @@ def test_clipped_point_gets_the_run_pld_epsilon_and_dp_accountings(db, pld_run):
     ref = dp_accounting_dpsgd(0.01, 1.0, 400)
     assert ref * (1 - 1e-6) <= got.epsilon[0] <= ref * 1.01  # the documented tolerance of the default grid
     assert got.best_order.isna().all() and not got.exact.any() and (got.steps_covered == 400).all()
+    from dpledger.warehouse.rank import rank_summary
+
+    con = warehouse.connect(db, read_only=True)
+    try:
+        rs = rank_summary(con, "dense", "pld")
+    finally:
+        con.close()
+    assert rs["run_epsilon"] == pytest.approx(run_eps, rel=1e-12) and rs["highest_at_run_epsilon"]
+    assert rs["above_run_epsilon"] == 0 and any(PLD_MEANING in n for n in rs["notes"])
 
 
 def test_pld_is_at_most_rdp_for_every_point(db, pld_run):
