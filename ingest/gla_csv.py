@@ -18,7 +18,12 @@ One row per (run, checkpoint step, point). Columns used (others are kept, per ru
 =================  ==========================================================
 
 The stored ``grad_norm`` is the clipped norm, ``distance (sum) * batch_size`` (at most
-C), marked ``norm_clipped``. Values of a run parameter must agree on every row of the
+C), marked ``norm_clipped``. In the published study's code that product is
+min(‖∇ℓ‖ / k, C), where k is the number of points whose losses were averaged into the
+one gradient it measured (10 in the study): the per-example clipped norm is then
+min(k × distance × batch_size, C). ``points_per_query=k`` rescales to it on ingest and
+records k in ``runs.config`` (``--legacy-scaling`` reproduces the study's own costs only
+from the file as written, k = 1). Values of a run parameter must agree on every row of the
 run up to 1e-9 relative (the files print ``p`` with 16 or 18 digits on different rows;
 the most precise spelling is kept).
 """
@@ -34,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpledger.analysis.budget import steps_from_epochs
-from dpledger.analysis.validate import ParameterError, in_range
+from dpledger.analysis.validate import ParameterError, in_range, whole
 from dpledger.warehouse.sqlutil import append_arrow, first
 
 from . import load
@@ -164,8 +169,9 @@ def _check_run(src: Source, run: dict, table: pa.Table, rows: np.ndarray) -> Non
         raise src.error(str(exc), int(rows[0]), column_of.get(name)) from None
 
 
-def parse(path: str | Path, run: str | None = None, delta: float | None = None) -> ParsedFile:
-    """Read and check one GLA CSV file; nothing is written."""
+def parse(path: str | Path, run: str | None = None, delta: float | None = None,
+          points_per_query: int = 1) -> ParsedFile:
+    """Read and check one GLA CSV file; nothing is written. ``points_per_query``: see the module doc."""
     table, src = read_table(path, formats=("csv",))
     if table.num_rows == 0:
         raise src.error("the file has a header but no rows")
@@ -220,6 +226,8 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
             bad,
             NORM,
         )
+    if points_per_query != 1:  # the study's norm of a mean over k points -> the per-example clipped norm
+        grad_norm = pc.min_element_wise(pc.multiply(grad_norm, float(points_per_query)), cn)
     correct = bool_column(table, "correct", src) if "correct" in table.column_names else None
     accuracy = (
         float_column(table, "accuracy", src, allow_null=True, nonnegative=True, what="accuracy")
@@ -264,6 +272,9 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None) 
             r["steps"] = last + 1
             config["steps_from"] = "last recorded step + 1"
         config["n_train_from"] = "round(batch_size / sample_rate)"
+        config["points_per_query"] = points_per_query
+        config["grad_norm_from"] = ("distance (sum) x batch_size" if points_per_query == 1 else
+                                    f"min({points_per_query} x distance (sum) x batch_size, cn)")
         config["delta_from"] = "--delta" if delta is not None else "default 1e-5 (the file has no delta)"
         r["config"] = config
         parsed.runs.append(r)
@@ -325,10 +336,13 @@ def write(con, parsed: ParsedFile) -> dict:
     return {"path": str(src.path), "status": "ingested", "rows": rows, "runs": run_ids}
 
 
-def ingest_gla_csv(con, paths: list[str | Path], run: str | None = None, delta: float | None = None) -> list[dict]:
+def ingest_gla_csv(con, paths: list[str | Path], run: str | None = None, delta: float | None = None,
+                   points_per_query: int = 1) -> list[dict]:
     """Ingest GLA-format CSV files. Every file is read and checked before any is
-    written; then each file is loaded in its own transaction."""
+    written; then each file is loaded in its own transaction. ``points_per_query`` k
+    rescales the study's norms to per-example ones (module doc)."""
     if delta is not None:
         in_range("delta", delta, 0, 1, high_open=True)
-    parsed = [parse(p, run=run, delta=delta) for p in paths]
+    points_per_query = whole("points_per_query", points_per_query, 1, 1_000_000)
+    parsed = [parse(p, run=run, delta=delta, points_per_query=points_per_query) for p in paths]
     return [write(con, p) for p in parsed]

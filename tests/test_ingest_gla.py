@@ -96,3 +96,32 @@ def test_rows_split_across_files_join_one_run(db, gla_dir, tmp_path, cli):
     assert cli("ingest", "gla-csv", tmp_path / "a.csv", tmp_path / "b.csv", "--db", db).rc == 0
     assert _q(db, "SELECT count(*), count(DISTINCT run_id) FROM point_steps") == [(410, 1)]
     assert _q(db, "SELECT count(*) FROM steps") == [(41,)]
+
+
+def test_points_per_query_rescales_to_per_example_norms(tmp_path, gla_dir, cli):
+    """The study's recorded distance x batch_size is min(|grad|/k, C) for k points queried
+    together; --points-per-query k stores min(k x that, C), the per-example clipped norm,
+    records k, and legacy scaling (the study's own costs) refuses the rescaled run."""
+    import csv
+
+    plain, scaled = tmp_path / "plain.duckdb", tmp_path / "scaled.duckdb"
+    assert cli("ingest", "gla-csv", gla_dir / "res1.csv", "--db", plain).rc == 0
+    r = cli("ingest", "gla-csv", gla_dir / "res1.csv", "--points-per-query", "10", "--db", scaled)
+    assert r.rc == 0, r
+    rows = list(csv.DictReader(open(gla_dir / "res1.csv")))
+    expected = {(int(x["step"]), int(x["point"])): min(10 * float(x["distance (sum)"]) * float(x["batch_size"]),
+                                                      float(x["cn"])) for x in rows}
+    got = {(s, p): g for s, p, g in _q(scaled, "SELECT step, point_id, grad_norm FROM point_steps")}
+    assert got.keys() == expected.keys()
+    assert all(abs(got[k] - expected[k]) <= 1e-12 * max(1.0, expected[k]) for k in got)
+    assert any(got[k] > v for k, v in _q_dict(plain).items())  # some norms grew: the tiny ones, tenfold
+    assert _q(scaled, "SELECT json_extract(config, '$.points_per_query')::INT FROM runs") == [(10,)]
+    assert cli("account", "--db", scaled).rc == 0
+    r = cli("account", "--rule", "gla", "--legacy-scaling", "--db", scaled)
+    assert r.rc == 2 and "--legacy-scaling" in r.err and "points_per_query" in r.err, r
+    r = cli("ingest", "gla-csv", gla_dir / "res1.csv", "--points-per-query", "0", "--db", tmp_path / "x.duckdb")
+    assert r.rc == 2 and "--points-per-query 0" in r.err, r
+
+
+def _q_dict(db):
+    return {(s, p): g for s, p, g in _q(db, "SELECT step, point_id, grad_norm FROM point_steps")}

@@ -38,6 +38,7 @@ GLA_ABOVE_RUN = ("{n} of {points} points have a gla epsilon above the run's data
                  "{run_epsilon:.4g}: the Hoelder/expectation bound of the gla rule can be looser than the "
                  "data-independent one, which still holds for every point (a point's epsilon is at most the smaller)")
 from .epsilon_tables import check_delta, summary, write_accounting, write_point_epsilon
+from .errors import UserError
 from .runs import RunInfo
 from .sqlutil import transaction
 
@@ -52,6 +53,14 @@ def _ratios(norm: np.ndarray, ridx: np.ndarray, runs: list[RunInfo], legacy: boo
 def account_gla_config(con, runs: list[RunInfo], delta_override: float | None,
                        legacy: bool) -> tuple[list[dict], dict]:
     """gla over the runs of one configuration: per-run summaries and the ε of the expectation."""
+    if legacy:  # the study's own costs come from its norms as written, not rescaled ones
+        rescaled = [r[0] for r in con.execute(
+            "SELECT run_id FROM runs WHERE run_id IN (SELECT unnest(?)) AND "
+            "coalesce(TRY_CAST(json_extract(config, '$.points_per_query') AS INTEGER), 1) > 1",
+            [[r.run_id for r in runs]]).fetchall()]
+        if rescaled:
+            raise UserError(f"run '{rescaled[0]}' was ingested with points_per_query > 1 (per-example norms); "
+                            "legacy_scaling reproduces the study's costs only from its norms as written", "legacy_scaling")
     base = runs[0]
     steps = int(base.steps)
     q, sigma = base.sample_rate, base.noise_multiplier

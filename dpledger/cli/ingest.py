@@ -28,6 +28,9 @@ def ingest_gla_csv(
     files: Annotated[list[Path], typer.Argument(help="GLA-format per-point CSV files.", show_default=False)],
     run: Annotated[Optional[str], typer.Option(help="Run name for the rows (default: res_name column, else file name).")] = None,
     delta: Annotated[Optional[float], typer.Option(help="Target delta of the run(s) (default: 1e-5).")] = None,
+    points_per_query: Annotated[int, typer.Option(
+        help="k, the points whose mean loss gave each recorded gradient in the study's code (10 in the "
+             "published one): the per-example clipped norm is min(k x distance x batch_size, C).")] = 1,
     db: DbOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -35,7 +38,7 @@ def ingest_gla_csv(
     from dpledger.ingest.gla_csv import ingest_gla_csv as do_ingest
 
     with connected(db) as con:
-        results = do_ingest(con, files, run=run, delta=delta)
+        results = do_ingest(con, files, run=run, delta=delta, points_per_query=points_per_query)
     _print_ingest_results(results, json)
 
 
