@@ -138,3 +138,21 @@ def test_train_says_the_run_epsilon_and_the_calibrated_sigma(db, cli):
     assert f"noise multiplier {s['noise_multiplier']:.6g} calibrated for target epsilon 3" in r.out
     r = cli("train", *small, "--disable-dp", "--db", db)
     assert r.rc == 0 and "not private" in r.out and "data-independent epsilon" not in r.out
+
+
+def test_json_everywhere_and_format_where_there_is_a_table():
+    """One rule: every command takes --json; the commands that print a table (query, runs,
+    rank, links) also take --format table|json|csv (json the same as --json)."""
+    group = typer.main.get_command(app)
+
+    def options(command):
+        cmd = group
+        for part in command:
+            cmd = cmd.commands[part]
+        return {o for p in cmd.params for o in getattr(p, "opts", [])}
+
+    tables = {("query",), ("runs",), ("rank",), ("links",)}
+    for command in map(tuple, _commands()):
+        have = options(command)
+        assert "--json" in have, command
+        assert ("--format" in have) == (command in tables), command
