@@ -139,7 +139,7 @@ def _hashes(folder: Path) -> dict:
 
 def test_watch_a_run_another_process_writes(tmp_path, cli):
     config = tmp_path / "sweep.toml"
-    config.write_text('[base]\ndataset = "digits"\nmodel = "logreg"\nepochs = 15\nn_train = 300\nbatch_size = 10\n'
+    config.write_text('[base]\ndataset = "digits"\nmodel = "logreg"\nepochs = 60\nn_train = 300\nbatch_size = 10\n'
                       'track = "all"\nnoise_multiplier = 1.0\nmax_grad_norm = 7.5\ncommit_every = 10\n'
                       '[grid]\nseed = [0]\n')
     db = tmp_path / "s.duckdb"
@@ -162,13 +162,15 @@ def test_watch_a_run_another_process_writes(tmp_path, cli):
     rows = [f[0] for f in frames]
     assert all(len(f) == 1 and f[0]["run_id"] == "s0" for f in frames)
     running = [x for x in rows if x["status"] == "running"]
-    assert len(running) >= 2, [(x["status"], x["step"]) for x in rows]
+    # seen running, then moving on from refresh to refresh (on a quiet machine the run may
+    # finish one refresh after the first): steps strictly increase
+    assert len(running) >= 1, [(x["status"], x["step"]) for x in rows]
     steps = [x["step"] for x in rows]
-    assert steps == sorted(steps) and len(set(x["step"] for x in running)) >= 2  # it moves
-    assert rows[-1]["status"] == "finished" and rows[-1]["step"] == rows[-1]["steps"] == 450
+    assert len(steps) >= 2 and all(a < b for a, b in zip(steps, steps[1:])), steps
+    assert rows[-1]["status"] == "finished" and rows[-1]["step"] == rows[-1]["steps"] == 1800
     assert all(x["status"] == "running" for x in rows[:-1])  # stopped right after the run finished
     for x in running:
-        assert 0 < x["step"] < 450 and x["steps"] == 450
+        assert 0 < x["step"] < 1800 and x["steps"] == 1800
         assert x["epsilon"] == pytest.approx(dp_epsilon(1 / 30, 1.0, x["step"], 1e-5)[0], rel=1e-12)
         assert x["epsilon_max"] <= x["epsilon"] * (1 + 1e-9) and x["points"] == 300
     for a, b in zip(rows, rows[1:]):  # ε so far never decreases
