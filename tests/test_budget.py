@@ -117,3 +117,22 @@ def test_budget_bad_input(cli, args, fragment):
     r = cli("budget", *args)
     assert r.rc == 2, r
     assert fragment in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n_train, batch_size, epochs", [(60, 20, 2), (100, 7, 3), (300, 64, 5), (1437, 64, 8),
+                                                        (500, 33, 2.5)])
+def test_train_and_budget_count_the_same_steps(n_train, batch_size, epochs):
+    """One convention for every command: train's plan and budget --epochs both take
+    floor(epochs / q) steps (Opacus's get_noise_multiplier), and so give the same epsilon."""
+    import math
+
+    from dpledger.analysis.budget import budget
+    from dpledger.ingest.worker import TrainConfig, plan_run
+
+    cfg = TrainConfig(run="x", dataset="digits", model="logreg", n_train=n_train, batch_size=batch_size,
+                      epochs=epochs, noise_multiplier=1.0, track="none")
+    plan = plan_run(cfg, None, 1)
+    q = batch_size / n_train
+    assert plan.q == pytest.approx(q) and plan.total == math.floor(epochs / q)
+    out = budget(plan.q, 1e-5, noise_multiplier=1.0, epochs=epochs)
+    assert out["steps"] == plan.total
