@@ -49,16 +49,22 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
+def fill(hist, points: int, steps: int) -> float:
+    """Add the synthetic rows to ``hist`` chunk by chunk; the seconds spent adding."""
+    spent = 0.0
+    for idx, ratio in chunks(points, steps):
+        t0 = time.perf_counter()
+        hist.add(idx, ratio)
+        spent += time.perf_counter() - t0
+    return spent
+
+
 def run_pld(points: int, steps: int):
     from dpledger.analysis import pld
 
     grid = pld.geometric_grid()
     hist = pld.PldHistogram(points, grid)
-    t_hist = 0.0
-    for idx, ratio in chunks(points, steps):
-        t0 = time.perf_counter()
-        hist.add(idx, ratio)
-        t_hist += time.perf_counter() - t0
+    t_hist = fill(hist, points, steps)
     t0 = time.perf_counter()
     table = pld.pld_table(Q, SIGMA, grid)
     res = pld.compose(table, hist.values, DELTA)
@@ -71,11 +77,7 @@ def run_rdp(points: int, steps: int):
     from dpledger.analysis import grid as rdp_grid
 
     hist = composition.Histogram(points, rdp_grid.DEFAULT_GRID)
-    t_hist = 0.0
-    for idx, ratio in chunks(points, steps):
-        t0 = time.perf_counter()
-        hist.add(idx, ratio)
-        t_hist += time.perf_counter() - t0
+    t_hist = fill(hist, points, steps)
     t0 = time.perf_counter()
     table = rdp_grid.tabulate(Q, SIGMA, rdp_grid.DEFAULT_GRID)
     eps, _ = composition.epsilon(hist.rdp(table), DELTA)
