@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.runs import remember_epsilon
 from dpledger.warehouse.sqlutil import append_arrow, first, scalar, transaction
 
 from .readers import Source
@@ -168,6 +169,7 @@ def refresh_config_key(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
         "max_grad_norm, steps) WHERE run_id = ?",
         [run_id],
     )
+    remember_epsilon(con, [run_id])  # reads look the run's ε up (warehouse.runs)
 
 
 def extend_run_steps(con: duckdb.DuckDBPyConnection, run_id: str, last_step: int) -> None:

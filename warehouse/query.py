@@ -74,11 +74,15 @@ SELECT r.run_id, r.dataset, r.model, r.seed, r.sample_rate, r.noise_multiplier, 
        -- first recorded step on); below 1 when norms were scored only from a checkpoint on
        CASE WHEN r.steps > 0 AND ps.first_step IS NOT NULL
             THEN greatest(r.steps - ps.first_step, 0) / r.steps END AS covered,
-       re.epsilon,
+       CASE WHEN r.private THEN m.epsilon END AS epsilon,
        coalesce(ev.rows, 0) AS evaluation_rows,
        r.created_at
 FROM runs r
-LEFT JOIN run_epsilon re USING (run_id)
+-- the ε writers remembered (warehouse.runs.remember_epsilon); list_runs computes the
+-- rest through the run_epsilon view, so a plain listing evaluates no RDP
+LEFT JOIN dp_epsilon_memo m
+  ON m.sample_rate = r.sample_rate AND m.noise_multiplier = r.noise_multiplier
+ AND m.steps = r.steps AND m.delta = r.delta
 LEFT JOIN (SELECT run_id, count(*) AS rows, count(DISTINCT point_id) AS points,
                   count(DISTINCT step) AS steps_recorded, min(step) AS first_step
            FROM point_steps GROUP BY run_id) ps USING (run_id)
@@ -109,6 +113,14 @@ def list_runs(con: duckdb.DuckDBPyConnection) -> pa.Table:
     the covered share of its steps, and row counts. A run marked running whose worker
     died (killed, out of memory) shows as ``incomplete``: resume it with ``train --resume``."""
     table = con.sql(RUNS_SQL).to_arrow_table()
+    missing = [r for r, p, e in zip(*(table.column(c).to_pylist() for c in ("run_id", "private", "epsilon")))
+               if p and e is None]
+    if missing:  # runs the memo lacks (an older dpledger's, a live lake run's): the view computes them
+        found = dict(con.execute("SELECT run_id, epsilon FROM run_epsilon WHERE run_id IN (SELECT unnest(?))",
+                                 [missing]).fetchall())
+        eps = [found.get(r, e) for r, e in zip(table.column("run_id").to_pylist(),
+                                                table.column("epsilon").to_pylist())]
+        table = table.set_column(table.column_names.index("epsilon"), "epsilon", pa.array(eps, pa.float64()))
     configs = dict(con.execute("SELECT run_id, CAST(config AS VARCHAR) FROM runs WHERE status = 'running'").fetchall())
     if not configs:
         return table

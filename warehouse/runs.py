@@ -93,3 +93,36 @@ def require_params(run: RunInfo) -> None:
             validate.delta(run.delta)
     except ParameterError as exc:  # the run's stored value, not a flag of the command: no params
         raise UserError(f"run '{run.run_id}': {exc}; it cannot be accounted") from None
+
+
+_MEMO_MISSING = """
+FROM runs r
+WHERE r.run_id IN (SELECT unnest($runs)) AND coalesce(r.private, true)
+  AND dp_params_valid(r.sample_rate, r.noise_multiplier, r.steps, r.delta)
+  AND NOT EXISTS (SELECT 1 FROM dp_epsilon_memo m
+                  WHERE m.sample_rate = r.sample_rate AND m.noise_multiplier = r.noise_multiplier
+                    AND m.steps = r.steps AND m.delta = r.delta)"""
+
+
+def remember_epsilon(con, run_ids: list[str] | None = None) -> int:
+    """Store the data-independent ε of ``run_ids`` (default: every run) in ``dp_epsilon_memo``
+    where it is not there yet; return how many mechanisms were added.
+
+    Writers call this whenever they store or change a run's (sample_rate,
+    noise_multiplier, steps, delta), so that the ``run_epsilon`` view (and ``dpledger
+    runs``) reads the number instead of computing the RDP at every order on every read.
+    A run with parameters outside the documented ranges is skipped (the view shows NULL).
+    """
+    if run_ids is None:
+        run_ids = [r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()]
+    params = {"runs": list(run_ids)}
+    if not run_ids or not con.execute(f"SELECT count(*) {_MEMO_MISSING}", params).fetchall()[0][0]:
+        return 0  # the common case, without touching the (lazily imported) RDP code
+    before = con.execute("SELECT count(*) FROM dp_epsilon_memo").fetchall()[0][0]
+    con.execute(
+        "INSERT OR IGNORE INTO dp_epsilon_memo "
+        "SELECT sample_rate, noise_multiplier, steps, delta, "
+        "       dp_epsilon(sample_rate, noise_multiplier, steps, delta), "
+        "       dp_best_order(sample_rate, noise_multiplier, steps, delta) "
+        f"FROM (SELECT DISTINCT r.sample_rate, r.noise_multiplier, r.steps, r.delta {_MEMO_MISSING})", params)
+    return con.execute("SELECT count(*) FROM dp_epsilon_memo").fetchall()[0][0] - before

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 
 from .errors import UserError
+from .runs import remember_epsilon
 from .sqlutil import first, transaction
 
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[A-Za-z0-9_]+\.sql$")
@@ -153,6 +154,9 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
             con.execute(m.sql)
             con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [m.version, m.name])
         done.append(f"applied {m.name}")
+    if pending and _has_table(con, "runs"):
+        with transaction(con):  # runs stored before the memo existed (006): remember their ε once
+            remember_epsilon(con)
     views = view_sources()
     digest = _views_digest(views)
     if _meta(con, "views_sha256") != digest:
