@@ -58,6 +58,52 @@ def _weights(idx: np.ndarray, covers) -> np.ndarray:
     return np.ones(len(idx)) if covers is None else np.asarray(covers, dtype=np.float64)
 
 
+try:  # a bounds-unchecked C++ loop B[i, j] += w: ~3x faster than np.add.at, no per-batch temporaries
+    from scipy.sparse._sparsetools import coo_todense as _coo_todense
+except ImportError:  # a scipy without it: np.add.at, the same sums
+    _coo_todense = None
+
+
+def scatter_add(out: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> None:
+    """``out[rows[i], cols[i]] += weights[i]`` for every i, duplicates summed, in place.
+
+    ``out``: a C-contiguous 2-D array of ``weights``'s dtype. The indices are checked to
+    lie inside ``out`` first (the fast loop does not check them)."""
+    n = len(rows)
+    if n == 0:
+        return
+    if len(cols) != n or len(weights) != n:
+        raise ValueError("rows, cols and weights differ in length")
+    if rows.min() < 0 or rows.max() >= out.shape[0] or cols.min() < 0 or cols.max() >= out.shape[1]:
+        raise IndexError(f"an index lies outside the {out.shape} histogram")
+    if _coo_todense is not None and out.flags.c_contiguous and weights.dtype == out.dtype:
+        _coo_todense(out.shape[0], out.shape[1], n, rows, cols, weights, out.reshape(-1), 0)
+    else:
+        np.add.at(out, (rows, cols), weights)
+
+
+def tent_cells(ratio, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cell j, f) of each ratio as :func:`analysis.grid.tent_weights` computes them (the same
+    operations, so the same bits), in place on a float copy of ``ratio``: the row's weight is
+    1 - f on node j and f on node j + 1. Raises on a NaN ratio (it has no cell)."""
+    x = np.array(ratio, dtype=np.float64, copy=True)
+    np.clip(x, 0.0, 1.0, out=x)
+    if np.isnan(x.sum()):
+        raise ValueError("a ratio is NaN: a gradient norm is not a number")
+    x *= size
+    j = np.floor(x)
+    np.minimum(j, size - 1, out=j)  # r = 1 sits in the last cell
+    f = x - j
+    x += j
+    f *= x                          # (x - j)(x + j)
+    x[:] = j
+    x *= 2
+    x += 1
+    f /= x                          # / (2j + 1)
+    np.clip(f, 0.0, 1.0, out=f)
+    return j.astype(np.int64), f
+
+
 class Histogram:
     """Tent-weighted histogram of r per point on ``size`` cells: shape (n_points, size + 1).
 
@@ -65,28 +111,46 @@ class Histogram:
     ``compose(h.values, table)`` is the sum of the table's chords at the rows' ratios.
     Feed it batches with :meth:`add`; ``covered`` counts the steps each point's rows
     stand for.
+
+    Held as one complex number per (point, cell j): the real part sums the weights on
+    node j, the imaginary part those on node j + 1, so each row costs one scatter into
+    memory (the histogram of 10,000 points is larger than the cache: the scatter is the
+    cost); :attr:`values` adds the imaginary parts onto the next node.
     """
 
     def __init__(self, n_points: int, size: int):
         self.n_points, self.size = int(n_points), int(size)
-        self._flat = np.zeros(self.n_points * (self.size + 1))
+        self._cells = np.zeros((self.n_points, self.size), dtype=np.complex128)
+        self._values = None
         self.covered = np.zeros(self.n_points)
 
     def add(self, idx: np.ndarray, ratio: np.ndarray, covers: np.ndarray | None = None) -> None:
         """Rows of point index ``idx`` with ratio ``ratio``, each standing for ``covers`` steps (default 1)."""
         idx = np.asarray(idx, dtype=np.int64)
-        j, lo, hi = tent_weights(ratio, self.size)
-        flat = idx * (self.size + 1) + j
-        if covers is not None:
-            lo, hi = lo * covers, hi * covers
-        n = self._flat.size
-        self._flat += np.bincount(flat, weights=lo, minlength=n)
-        self._flat += np.bincount(flat + 1, weights=hi, minlength=n)
+        j, f = tent_cells(ratio, self.size)
+        if len(j) != len(idx):
+            raise ValueError("idx and ratio differ in length")
+        w = np.empty(len(j), dtype=np.complex128)
+        if covers is None:
+            np.subtract(1.0, f, out=w.real)
+            w.imag = f
+        else:
+            covers = np.asarray(covers, dtype=np.float64)
+            np.multiply(1.0 - f, covers, out=w.real)
+            np.multiply(f, covers, out=w.imag)
+        scatter_add(self._cells, idx, j, w)  # checks idx lies in [0, n_points)
         self.covered += np.bincount(idx, weights=covers, minlength=self.n_points)
+        self._values = None
 
     @property
     def values(self) -> np.ndarray:
-        return self._flat.reshape(self.n_points, self.size + 1)
+        """Shape (n_points, size + 1): the weights on each node."""
+        if self._values is None:
+            v = np.zeros((self.n_points, self.size + 1))
+            v[:, :-1] = self._cells.real
+            v[:, 1:] += self._cells.imag
+            self._values = v
+        return self._values
 
     def rdp(self, table: RdpTable) -> np.ndarray:
         """Composed RDP per point and order of the table: an upper bound of the exact sum."""

@@ -74,7 +74,8 @@ def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None,
     else:
         acc = composition.ExactSum(n, run.sample_rate, run.noise_multiplier, rdp.DEFAULT_ORDERS)
         batch_rows = 1 << 15
-    for idx, _step, ratio, covers in stream(con, run, cov, batch_rows=batch_rows):
+    # DuckDB reads the next batches (a thread) while this one is binned: the scan and the histogram overlap
+    for idx, _step, ratio, covers in stream(con, run, cov, batch_rows=batch_rows, steps=False, prefetch=True):
         acc.add(idx, ratio, covers)
     if table is None:
         return cov.point_ids, acc.rdp(), acc.covered, np.arange(n), 0.0

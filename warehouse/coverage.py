@@ -14,6 +14,8 @@ which split runs by the view's shapes:
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,37 +69,97 @@ def coverage(con, run: RunInfo) -> Coverage:
     return Coverage("uniform", pids, {"steps": steps, "covers": covers}, n_steps, run_steps)
 
 
-def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=None):
+def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=None, steps: bool = True,
+           prefetch: bool = False):
     """Batches of (point index into ``cov.point_ids``, step, ratio r, steps covered) of one run.
 
     ``covers`` is None for a dense run (every row covers 1). The numbers of the view
     point_step_coverage, read without joining the fact table to anything for the dense
     and uniform shapes (a string join per row costs more than the whole histogram);
     ragged runs go through the view's window. ``only``: restrict to these point ids.
+
+    ``steps=False``: the caller needs no steps; a dense run's step column is then not read
+    (step is None). ``prefetch``: DuckDB reads the next batches in a thread while the caller
+    works on this one (DuckDB releases the GIL while it reads); the caller must not use
+    ``con`` until the generator is exhausted or closed.
     """
     table = "point_step_coverage" if cov.shape == "ragged" else "point_steps"
     extra = ", covers" if cov.shape == "ragged" else ""
+    read_step = steps or cov.shape == "uniform"
     where = " AND point_id IN (SELECT unnest($ids))" if only is not None else ""
     params = {"run": run.run_id}
     if only is not None:
         params["ids"] = [int(p) for p in only]
-    sql = f"SELECT point_id, step, grad_norm{extra} FROM {table} WHERE run_id = $run{where}"
+    sql = f"SELECT point_id, {'step' if read_step else 'NULL'}, grad_norm{extra} FROM {table} WHERE run_id = $run{where}"
     pids = cov.point_ids
     contiguous = len(pids) > 0 and pids[-1] - pids[0] + 1 == len(pids)
+    lookup = None
+    if cov.shape == "uniform" and len(cov.step_covers["steps"]):
+        first, last = int(cov.step_covers["steps"][0]), int(cov.step_covers["steps"][-1])
+        if last - first < 1 << 24:  # covers of each recorded step by one gather, not a binary search
+            lookup = np.zeros(last - first + 1)
+            lookup[cov.step_covers["steps"] - first] = cov.step_covers["covers"]
     reader = con.sql(sql, params=params).to_arrow_reader(batch_size=batch_rows)
+    batches = _prefetched(reader) if prefetch else reader
     try:
-        for batch in reader:
+        for batch in batches:
             pid = batch.column(0).to_numpy()
-            step = batch.column(1).to_numpy()
+            step = batch.column(1).to_numpy() if read_step else None
             idx = pid - pids[0] if contiguous else np.searchsorted(pids, pid)
             ratio = clipped_ratio(batch.column(2).to_numpy(), run.max_grad_norm)
             if cov.shape == "dense":
                 covers = None
             elif cov.shape == "uniform":
-                at = np.searchsorted(cov.step_covers["steps"], step)
-                covers = cov.step_covers["covers"][at].astype(np.float64)
+                if lookup is not None:
+                    covers = lookup[step - first]
+                else:
+                    covers = cov.step_covers["covers"][np.searchsorted(cov.step_covers["steps"], step)].astype(np.float64)
             else:
                 covers = batch.column(3).to_numpy().astype(np.float64)
             yield idx, step, ratio, covers
     finally:
+        if prefetch:
+            batches.close()
         reader.close()
+
+
+_END = object()
+
+
+def _prefetched(reader, depth: int = 4):
+    """The reader's batches, read ahead by a thread (at most ``depth`` waiting); an error in
+    the thread is raised here; closing the generator stops the thread."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in reader:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=read, name="dpledger-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
