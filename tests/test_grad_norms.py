@@ -75,6 +75,20 @@ def data(shape, n=6, k=10, seed=0, dtype=torch.float32):
     return torch.randn(n, *shape, generator=g, dtype=dtype), torch.randint(0, k, (n,), generator=g)
 
 
+# Direct conv routes: "forward" (grouped forward convolution), "wgrad" (grouped weight-gradient
+# kernel), "chunked" (wgrad a few examples at a time), "unfold" (unfold + bmm, the GPU route).
+ROUTES = ["forward", "wgrad", "chunked", "unfold"]
+
+
+def force_route(monkeypatch, route: str) -> None:
+    if route == "unfold":
+        monkeypatch.setattr(grad_norms, "_WGRAD_DEVICES", frozenset())
+    else:
+        monkeypatch.setattr(grad_norms, "_FORWARD_MAX_CIN", 10 ** 9 if route == "forward" else 0)
+    if route == "chunked":
+        monkeypatch.setattr(grad_norms, "_CHUNK_BYTES", {"forward": 1, "wgrad": 1})   # one example a chunk
+
+
 def check(model: nn.Module, x, y, rtol=1e-5, **kw) -> NormResult:
     r = per_example_grad_norms(model, x, y, **kw)
     ref = naive_norms(model, x, y)
@@ -217,12 +231,12 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("route", ["wgrad", "unfold"])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("kind", list(CONVS))
 def test_conv2d_variants(kind, route, monkeypatch):
-    # Direct norms use the grouped weight-gradient kernel on CPU and unfold + bmm on GPUs: test both here.
-    if route == "unfold":
-        monkeypatch.setattr(grad_norms, "_WGRAD_DEVICES", frozenset())
+    # Direct norms use a grouped weight-gradient or forward convolution on CPU and unfold + bmm on GPUs:
+    # test all here.
+    force_route(monkeypatch, route)
     torch.manual_seed(0)
     conv = CONVS[kind]()
     c_in = conv.in_channels
@@ -234,10 +248,9 @@ def test_conv2d_variants(kind, route, monkeypatch):
     check(model.double(), x.double(), y, rtol=1e-9)
 
 
-@pytest.mark.parametrize("route", ["wgrad", "unfold"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_conv1d_and_layernorm_on_sequences(route, monkeypatch):
-    if route == "unfold":
-        monkeypatch.setattr(grad_norms, "_WGRAD_DEVICES", frozenset())
+    force_route(monkeypatch, route)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv1d(3, 8, 3, stride=2, padding=1),        # (B, 8, 10)
@@ -371,11 +384,10 @@ class RecurrentConv(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("route", ["wgrad", "unfold"])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("c,size,stride", [(4, 10, 1), (24, 6, 2)], ids=["direct", "ghost"])
 def test_conv_applied_twice(c, size, stride, route, monkeypatch):
-    if route == "unfold":
-        monkeypatch.setattr(grad_norms, "_WGRAD_DEVICES", frozenset())
+    force_route(monkeypatch, route)
     torch.manual_seed(0)
     model = RecurrentConv(c, stride)
     length = sum(math.ceil(size / stride ** k) ** 2 for k in (1, 2))   # output positions of both calls
