@@ -98,6 +98,13 @@ def find_ingest(con: duckdb.DuckDBPyConnection, sha256: str, kind: str, target: 
     return {"path": row[0], "rows": row[1], "run_ids": row[2], "ingested_at": str(row[3])}
 
 
+def ingested_with_rows(con: duckdb.DuckDBPyConnection, kind: str, target: str, rows: int) -> bool:
+    """Whether the ledger holds a file of ``rows`` rows for (kind, target): only such a
+    file can be the same one again, so only then must its hash be known before loading."""
+    return bool(scalar(con.execute(
+        "SELECT count(*) FROM ingests WHERE kind = ? AND target = ? AND rows = ?", [kind, target, rows])))
+
+
 def record_ingest(
     con: duckdb.DuckDBPyConnection, sha256: str, kind: str, target: str, path: str, rows: int, run_ids: list[str]
 ) -> None:

@@ -143,6 +143,32 @@ def _read_parquet(path: Path, src: Source, columns: list[str] | None, max_rows: 
     return pq.read_table(path)
 
 
+def parquet_schema(path: Path, columns: list[str], max_rows: int | None = None,
+                   max_bytes: int | None = None) -> tuple[pa.Schema, int] | None:
+    """The Arrow schema and row count of a Parquet file that :func:`read_table` would read
+    without complaint (flat columns, all in ``columns``, within the row and byte limits);
+    None for anything else (not Parquet, unreadable, nested, too big), for which
+    :func:`read_table` gives the message. Reads the footer only."""
+    max_rows = MAX_ROWS if max_rows is None else max_rows
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+    try:
+        if not path.is_file() or file_format(path) != "parquet":
+            return None
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except (UserError, pa.ArrowException, OSError, ValueError):
+        return None
+    names = schema.names
+    if (len(names) != meta.num_columns or len(set(names)) != len(names)
+            or any(c not in columns for c in names)):
+        return None  # nested, repeated or unknown columns
+    if meta.num_rows > max_rows:
+        return None
+    if sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)) > max_bytes:
+        return None
+    return schema, meta.num_rows
+
+
 def _read_csv(path: Path, src: Source, max_rows: int) -> pa.Table:
     """Stream the file in blocks, counting rows: at most ``max_rows`` are ever held."""
     reader = pacsv.open_csv(

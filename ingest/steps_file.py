@@ -10,16 +10,21 @@ existing run must agree with its stored parameters.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dpledger.analysis import validate
 from dpledger.analysis.validate import ParameterError, positive, whole
 from dpledger.warehouse.errors import UserError
-from dpledger.warehouse.sqlutil import first
+from dpledger.warehouse.sqlutil import first, scalar
 
 from . import load
 from .readers import (
@@ -29,6 +34,7 @@ from .readers import (
     file_sha256,
     float_column,
     int_column,
+    parquet_schema,
     read_table,
     require_columns,
 )
@@ -109,10 +115,233 @@ def ingest_steps(
     batch_size: int | None = None,
     norms_clipped: bool = False,
 ) -> dict:
-    """Ingest one per-point, per-step file into run ``run`` (one transaction)."""
+    """Ingest one per-point, per-step file into run ``run`` (one transaction).
+
+    A Parquet file whose columns have the expected types takes the fast path
+    (:func:`_ingest_parquet`): DuckDB reads it once, checking every row as it inserts,
+    while threads hash the file and check its keys. Anything that path refuses (a bad
+    row, a repeated key, a read error) rolls it back, and the careful path (Arrow: read,
+    check, then insert) ingests the file or names the first bad row, file, row and column.
+    """
     if not run:
         raise UserError("run must not be empty", "run")
     check_run_parameters(sample_rate, noise_multiplier, max_grad_norm, delta, steps, batch_size)
+    params = {"sample_rate": sample_rate, "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+              "delta": delta, "dataset": dataset, "steps": steps, "batch_size": batch_size}
+    plan = _fast_plan(con, Path(path), run, steps, max_grad_norm if norms_clipped else None, norms_clipped)
+    if plan is not None:
+        try:
+            return _ingest_parquet(con, plan, run, params)
+        except _Recheck:
+            pass  # rolled back, nothing written: the careful path names what is wrong
+    return _ingest_arrow(con, path, run, params, norms_clipped)
+
+
+def _ensure_run(con, run: str, stored: dict | None, p: dict, where: str) -> None:
+    """Create run ``run`` (its parameters given) or check ``p`` agrees with the stored one."""
+    if stored is None:
+        missing = [name for name in ("sample_rate", "noise_multiplier", "max_grad_norm") if p[name] is None]
+        if missing:
+            raise UserError(f"run '{run}' does not exist; give {', '.join(missing)} to create it", *missing)
+    sample_rate, batch_size, steps = p["sample_rate"], p["batch_size"], p["steps"]
+    n_train = int(round(batch_size / sample_rate)) if batch_size and sample_rate else None
+    load.ensure_run(
+        con,
+        {
+            "run_id": run,
+            "dataset": p["dataset"],
+            "sample_rate": sample_rate,
+            "noise_multiplier": p["noise_multiplier"],
+            "max_grad_norm": p["max_grad_norm"],
+            "batch_size": batch_size,
+            "n_train": n_train,
+            "delta": p["delta"] if p["delta"] is not None else (DEFAULT_DELTA if stored is None else None),
+            "steps": steps,
+            "private": True,
+            "source": KIND,
+            "status": "finished",
+            "config": {"steps_from": "--steps" if steps else "last recorded step + 1"},
+        },
+        where,
+    )
+
+
+# ---------------------------------------------------------------------------------- the fast path
+
+
+class _Recheck(Exception):
+    """The fast path met something (a bad row, a repeated key, a read error) that the
+    careful path is to name; raised inside the transaction, so it is rolled back."""
+
+
+#: Characters DuckDB's read_parquet takes as a glob pattern: such a path takes the careful path.
+_GLOB = frozenset("*?[]{}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    path: Path  # as given (the ledger and messages name it so)
+    rows: int
+    sql: str
+    params: dict
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _fast_plan(con, path: Path, run: str, steps: int | None, clip: float | None, norms_clipped: bool) -> _Plan | None:
+    """The one INSERT ... SELECT that loads a Parquet file with the checks of the careful
+    path as SQL (a failed check is DuckDB's ``error()``, which aborts the statement); None
+    where the file is not a plain Parquet file of the expected column types."""
+    if any(c in _GLOB for c in str(path)):
+        return None
+    got = parquet_schema(path, REQUIRED + OPTIONAL)
+    if got is None:
+        return None
+    schema, rows = got
+    types = {f.name: f.type for f in schema}
+    if rows == 0 or any(c not in types for c in REQUIRED):
+        return None
+    floats = (pa.float32(), pa.float64())
+    if not (pa.types.is_integer(types["step"]) and pa.types.is_integer(types["point_id"])
+            and types["grad_norm"] in floats
+            and types.get("loss", pa.float64()) in floats
+            and types.get("sampled", pa.bool_()) == pa.bool_()):
+        return None
+    if not scalar(con.execute("SELECT current_setting('enable_external_access')")):
+        return None
+    last_step = min(MAX_STEPS, steps) - 1 if steps is not None else MAX_STEPS - 1
+    bad = "error('dpledger: a row failed its check')"  # the careful path says which and why
+    norm_ok = "isfinite(grad_norm) AND grad_norm >= 0" + (" AND grad_norm <= $clip" if clip is not None else "")
+    select = {
+        "run_id": "$run",
+        "step": f"CASE WHEN step BETWEEN 0 AND {last_step} THEN step::BIGINT ELSE {bad} END",
+        "point_id": f"CASE WHEN point_id BETWEEN 0 AND {MAX_INDEX} THEN point_id::BIGINT ELSE {bad} END",
+        "grad_norm": f"CASE WHEN {norm_ok} THEN grad_norm::DOUBLE ELSE {bad} END",
+        "norm_clipped": "$clipped",
+    }
+    if "loss" in types:
+        select["loss"] = f"CASE WHEN loss IS NULL OR isfinite(loss) THEN loss::DOUBLE ELSE {bad} END"
+    if "sampled" in types:
+        select["sampled"] = "sampled"
+    sql = (f"INSERT INTO point_steps ({', '.join(select)}) SELECT {', '.join(select.values())} "
+           f"FROM read_parquet({_sql_string(os.path.abspath(path))})")
+    params = {"run": run, "clipped": bool(norms_clipped)}
+    if clip is not None:
+        params["clip"] = float(clip) * (1 + 1e-4)
+    return _Plan(path, rows, sql, params)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    duplicate: bool
+    first_step: int
+    last_step: int
+    point_ids: pa.Array | None  # the distinct point ids, when the points table is to learn them
+
+
+def _file_keys(path: Path, want_ids: bool) -> _Keys:
+    """Whether a (step, point_id) key repeats within the file, and its step range. Files
+    written in key order (the usual case) are checked batch by batch in one streaming
+    pass; any other order is sorted (:func:`load.first_duplicate`). The answer only counts
+    once DuckDB has checked the rows (steps and point ids in range, none missing)."""
+    ordered, prev, lo, hi, ids = True, None, None, None, []
+    batches = pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=["step", "point_id"], use_threads=False)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        step = pc.cast(batch.column(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+        point = pc.cast(batch.column(1), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+        if want_ids:
+            ids.append(point)
+        if ordered:
+            s0, s1, p0, p1 = step[:-1], step[1:], point[:-1], point[1:]
+            ordered = bool(np.all((s1 > s0) | ((s1 == s0) & (p1 > p0)))) and (
+                prev is None or step[0] > prev[0] or (step[0] == prev[0] and point[0] > prev[1]))
+            prev = (step[-1], point[-1])
+        b_lo, b_hi = int(step.min()), int(step.max())
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+    if ordered:
+        duplicate = False
+    else:
+        table = pq.read_table(path, columns=["step", "point_id"], use_threads=False)
+        duplicate = load.first_duplicate([pc.cast(table.column(c), pa.int64(), safe=False).to_numpy()
+                                          for c in ("step", "point_id")]) is not None
+    point_ids = pc.unique(pa.array(np.concatenate(ids))) if want_ids else None
+    return _Keys(duplicate, lo, hi, point_ids)
+
+
+def _result(future: Future):
+    """A helper thread's answer; its failure (an unreadable file, say) is the careful path's to report."""
+    try:
+        return future.result()
+    except Exception as exc:
+        raise _Recheck(str(exc)) from exc
+
+
+def _check_stored(con, path: Path, run: str, keys: _Keys) -> int | None:
+    """Refuse (``_Recheck``) a key of the file already stored for ``run``; return the run's
+    last stored step (None: no rows). Only a stored step range that overlaps the file's is joined."""
+    lo, hi = first(con.execute("SELECT min(step), max(step) FROM point_steps WHERE run_id = ?", [run]))
+    if lo is None or hi < keys.first_step or lo > keys.last_step:
+        return hi
+    clash = first(con.execute(
+        f"SELECT 1 FROM read_parquet({_sql_string(os.path.abspath(path))}) f SEMI JOIN (SELECT step, point_id "
+        "FROM point_steps WHERE run_id = ? AND step BETWEEN ? AND ?) t USING (step, point_id) LIMIT 1",
+        [run, keys.first_step, keys.last_step]))
+    if clash is not None:
+        raise _Recheck("a key of the file is stored already")
+    return hi
+
+
+def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
+    """Load ``plan``'s file in one DuckDB scan; ``_Recheck`` (rolled back) when anything is off."""
+    path = plan.path
+    with ThreadPoolExecutor(max_workers=2) as pool, load.write_transaction(con):
+        # A file ingested before has the same number of rows: only then is the hash needed
+        # before the load (a no-op); otherwise it is computed alongside
+        if load.ingested_with_rows(con, KIND, run, plan.rows):
+            sha = file_sha256(path)
+            seen = load.find_ingest(con, sha, KIND, run)
+            if seen is not None:
+                if p["steps"] is not None or "clip" in plan.params:
+                    raise _Recheck("the careful path checks the rows against --steps before the ledger")
+                return load.skipped_result(path, seen)
+            sha_future = None
+        else:
+            sha, sha_future = None, pool.submit(file_sha256, path)
+        keys_future = pool.submit(_file_keys, path, p["dataset"] is not None)
+        stored = load.get_run(con, run)
+        _ensure_run(con, run, stored, p, str(path))
+        last_stored = _check_stored(con, path, run, _result(keys_future)) if stored is not None else None
+        try:
+            n = scalar(con.execute(plan.sql, plan.params))
+        except duckdb.Error as exc:  # a failed check, or a read or write error: the careful path tells
+            raise _Recheck(str(exc)) from exc
+        keys = _result(keys_future)
+        if keys.duplicate or n != plan.rows:
+            raise _Recheck("a key repeats within the file")
+        if p["dataset"] is not None:
+            load.insert_points(con, pa.table({
+                "dataset": pa.array([p["dataset"]] * len(keys.point_ids), pa.string()),
+                "point_id": keys.point_ids,
+                "split": pa.array(["train"] * len(keys.point_ids), pa.string()),
+            }))
+        load.extend_run_steps(con, run, max(keys.last_step, last_stored if last_stored is not None else -1))
+        if sha is None:
+            sha = _result(sha_future)
+        load.record_ingest(con, sha, KIND, run, str(path), n, [run])
+    return {"path": str(path), "status": "ingested", "rows": n, "runs": [run]}
+
+
+# ---------------------------------------------------------------------------------- the careful path
+
+
+def _ingest_arrow(con, path: str | Path, run: str, p: dict, norms_clipped: bool) -> dict:
+    """Read the whole file into Arrow, check every row (naming the first bad one), then insert."""
+    max_grad_norm, steps, dataset = p["max_grad_norm"], p["steps"], p["dataset"]
     # hash the file on a thread while Arrow parses it (both release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
         sha_future = pool.submit(file_sha256, Path(path)) if Path(path).is_file() else None
@@ -143,38 +372,7 @@ def ingest_steps(
         if seen is not None:
             return load.skipped_result(src.path, seen)
         stored = load.get_run(con, run)
-        if stored is None:
-            missing = [
-                name
-                for name, v in (
-                    ("sample_rate", sample_rate),
-                    ("noise_multiplier", noise_multiplier),
-                    ("max_grad_norm", max_grad_norm),
-                )
-                if v is None
-            ]
-            if missing:
-                raise UserError(f"run '{run}' does not exist; give {', '.join(missing)} to create it", *missing)
-        n_train = int(round(batch_size / sample_rate)) if batch_size and sample_rate else None
-        load.ensure_run(
-            con,
-            {
-                "run_id": run,
-                "dataset": dataset,
-                "sample_rate": sample_rate,
-                "noise_multiplier": noise_multiplier,
-                "max_grad_norm": max_grad_norm,
-                "batch_size": batch_size,
-                "n_train": n_train,
-                "delta": delta if delta is not None else (DEFAULT_DELTA if stored is None else None),
-                "steps": steps,
-                "private": True,
-                "source": KIND,
-                "status": "finished",
-                "config": {"steps_from": "--steps" if steps else "last recorded step + 1"},
-            },
-            str(src.path),
-        )
+        _ensure_run(con, run, stored, p, str(src.path))
         if dataset is not None:
             ids = pa.compute.unique(rows.column("point_id"))
             load.insert_points(

@@ -1,0 +1,333 @@
+"""`ingest steps` on Parquet: the fast path (one DuckDB scan with the row checks as SQL,
+the keys and the file's sha256 checked alongside) must keep every guarantee of the
+careful path: a bad row anywhere (here often in the last of 3 row groups) is one line
+naming file, row and column, exit 2, and nothing is written; a repeated key (within the
+file or against stored rows) is refused; re-ingesting a file is a no-op."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import re
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import query_rows as _q, table_snapshot
+
+RUN = ["--sample-rate", "0.01", "--noise-multiplier", "1.1", "--max-grad-norm", "1.0"]
+N_STEPS, N_POINTS = 3, 4  # 12 rows, written as 3 row groups of 4
+
+
+def _columns(n_steps=N_STEPS, n_points=N_POINTS, first_step=0, seed=0):
+    rng = np.random.default_rng(seed)
+    step = np.repeat(np.arange(first_step, first_step + n_steps, dtype=np.int64), n_points)
+    point = np.tile(np.arange(n_points, dtype=np.int64), n_steps)
+    return {
+        "step": step,
+        "point_id": point,
+        "grad_norm": rng.gamma(2.0, 0.5, step.size),
+        "loss": rng.random(step.size),
+        "sampled": rng.random(step.size) < 0.5,
+    }
+
+
+def _write(path, cols, types=None):
+    types = types or {}
+    table = pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
+    pq.write_table(table, path, row_group_size=N_POINTS)
+    assert pq.ParquetFile(path).num_row_groups == -(-len(table) // N_POINTS)
+    return path
+
+
+@pytest.fixture
+def fast_only(monkeypatch):
+    """Fail if the careful (Arrow) path is used: a good plain Parquet file takes the fast path."""
+    from dpledger.ingest import steps_file
+
+    def careful(*args, **kwargs):
+        raise AssertionError("the careful path was used")
+
+    monkeypatch.setattr(steps_file, "_ingest_arrow", careful)
+
+
+@pytest.fixture
+def good_db(db, tmp_path, cli):
+    path = _write(tmp_path / "good.parquet", _columns(seed=1))
+    assert cli("ingest", "steps", path, "--run", "good", *RUN, "--db", db).rc == 0
+    return db
+
+
+def _stored(db, run):
+    return _q(db, "SELECT step, point_id, grad_norm, loss, sampled, norm_clipped FROM point_steps "
+                  f"WHERE run_id = '{run}' ORDER BY step, point_id")
+
+
+def _expected(cols, clipped=False):
+    keys = list(zip(cols["step"].tolist(), cols["point_id"].tolist()))
+    rows = [(int(s), int(p), float(g), None if lo is None else float(lo), None if sa is None else bool(sa), clipped)
+            for s, p, g, lo, sa in zip(cols["step"], cols["point_id"], cols["grad_norm"],
+                                       cols.get("loss", [None] * len(keys)), cols.get("sampled", [None] * len(keys)))]
+    return sorted(rows)
+
+
+# ------------------------------------------------------------------ good files, fast path
+
+
+def test_a_parquet_file_lands_row_for_row_on_the_fast_path(fast_only, good_db, tmp_path, cli):
+    cols = _columns(seed=2)
+    path = _write(tmp_path / "new.parquet", cols)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--dataset", "toy", "--db", good_db, "--json")
+    assert r.rc == 0, r
+    assert r.json() == [{"path": str(path), "status": "ingested", "rows": 12, "runs": ["new"]}]
+    assert _stored(good_db, "new") == _expected(cols)
+    assert _q(good_db, "SELECT sample_rate, noise_multiplier, max_grad_norm, delta, steps, dataset, source "
+                       "FROM runs WHERE run_id = 'new'") == [(0.01, 1.1, 1.0, 1e-5, N_STEPS, "toy", "steps")]
+    assert _q(good_db, "SELECT list(point_id ORDER BY point_id) FROM points WHERE dataset = 'toy'") == [
+        ([0, 1, 2, 3],)]
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _q(good_db, "SELECT sha256, kind, target, path, rows, run_ids FROM ingests WHERE target = 'new'") == [
+        (sha, "steps", "new", str(path), 12, ["new"])]
+
+
+def test_narrow_types_and_optional_columns(fast_only, db, tmp_path, cli):
+    cols = _columns()
+    del cols["loss"], cols["sampled"]
+    path = _write(tmp_path / "narrow.parquet", cols,
+                  {"step": pa.uint16(), "point_id": pa.uint32(), "grad_norm": pa.float32()})
+    assert cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db).rc == 0
+    want = [(s, p, float(np.float32(g)), None, None, False) for s, p, g, *_ in _expected(cols)]
+    assert _stored(db, "r") == want
+
+
+def test_reingest_is_a_noop_and_a_new_run_is_not(fast_only, good_db, tmp_path, cli):
+    path = _write(tmp_path / "a.parquet", _columns(seed=3))
+    assert cli("ingest", "steps", path, "--run", "x", *RUN, "--db", good_db).rc == 0
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "x", *RUN, "--db", good_db, "--json")
+    assert r.rc == 0 and r.json()[0]["status"] == "skipped", r
+    assert table_snapshot(good_db) == before
+    # another file of as many rows for the same run: hashed first, found new, loaded
+    other = _write(tmp_path / "b.parquet", _columns(first_step=N_STEPS, seed=4))
+    r = cli("ingest", "steps", other, "--run", "x", "--db", good_db, "--json")
+    assert r.rc == 0 and r.json()[0]["status"] == "ingested", r
+    assert _q(good_db, "SELECT count(*), max(step) FROM point_steps WHERE run_id = 'x'") == [(24, 2 * N_STEPS - 1)]
+    assert _q(good_db, "SELECT steps FROM runs WHERE run_id = 'x'") == [(2 * N_STEPS,)]
+
+
+def test_later_steps_of_an_existing_run_are_appended(fast_only, good_db, tmp_path, cli):
+    cols = _columns(n_steps=2, first_step=5, seed=5)
+    path = _write(tmp_path / "later.parquet", cols)
+    assert cli("ingest", "steps", path, "--run", "good", "--db", good_db).rc == 0
+    assert _q(good_db, "SELECT count(*) FROM point_steps WHERE run_id = 'good'") == [(12 + 8,)]
+    assert [row for row in _stored(good_db, "good") if row[0] >= 5] == _expected(cols)
+    assert _q(good_db, "SELECT steps FROM runs WHERE run_id = 'good'") == [(7,)]
+
+
+def test_interleaved_steps_overlapping_the_stored_range_are_joined_and_loaded(fast_only, db, tmp_path, cli):
+    even, odd = _columns(n_steps=6), _columns(n_steps=6, seed=9)
+    keep_even, keep_odd = even["step"] % 2 == 0, odd["step"] % 2 == 1
+    first = _write(tmp_path / "even.parquet", {k: v[keep_even] for k, v in even.items()})
+    second = _write(tmp_path / "odd.parquet", {k: v[keep_odd] for k, v in odd.items()})
+    assert cli("ingest", "steps", first, "--run", "r", *RUN, "--db", db).rc == 0
+    assert cli("ingest", "steps", second, "--run", "r", "--db", db).rc == 0
+    assert _q(db, "SELECT count(*), count(DISTINCT (step, point_id)), max(step) FROM point_steps") == [(24, 24, 5)]
+
+
+def test_rows_out_of_key_order_without_repeats_load(fast_only, db, tmp_path, cli):
+    cols = _columns()
+    order = np.random.default_rng(0).permutation(len(cols["step"]))
+    path = _write(tmp_path / "shuffled.parquet", {k: v[order] for k, v in cols.items()})
+    assert cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db).rc == 0
+    assert _stored(db, "r") == _expected(cols)
+
+
+def test_a_name_with_a_quote_takes_the_fast_path(fast_only, db, tmp_path, cli):
+    cols = _columns()
+    path = _write(tmp_path / "it's here.parquet", cols)
+    assert cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db).rc == 0, path
+    assert _stored(db, "r") == _expected(cols)
+
+
+def test_a_name_duckdb_would_glob_is_read_as_itself(db, tmp_path, cli):
+    cols = _columns()
+    path = _write(tmp_path / "norms[1].parquet", cols)
+    _write(tmp_path / "norms1.parquet", _columns(seed=7))  # what the pattern would match
+    assert cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db).rc == 0
+    assert _stored(db, "r") == _expected(cols)
+
+
+# ------------------------------------------------------------------ bad files: one line, nothing written
+
+
+def _last(value, column="grad_norm", cast=None):
+    """The columns with the last row (row 12, in the third row group) of ``column`` replaced."""
+    def edit(cols, types):
+        values = cols[column].astype(object)
+        values[-1] = value
+        cols[column] = values
+        if cast is not None:
+            types[column] = cast
+    return edit
+
+
+BAD = {
+    "nan norm": (_last(float("nan")), ["row 12", "column 'grad_norm'", "NaN"]),
+    "negative norm": (_last(-0.5), ["row 12", "column 'grad_norm'", "negative"]),
+    "infinite norm": (_last(float("inf")), ["row 12", "column 'grad_norm'", "infinite"]),
+    "missing norm": (_last(None, cast=pa.float64()), ["row 12", "column 'grad_norm'", "missing gradient norm"]),
+    "infinite loss": (_last(float("-inf"), "loss"), ["row 12", "column 'loss'", "infinite"]),
+    "nan loss": (_last(float("nan"), "loss"), ["row 12", "column 'loss'", "NaN"]),
+    "negative step": (_last(-1, "step", pa.int64()), ["row 12", "column 'step'", "below 0"]),
+    "step too large": (_last(10**9, "step", pa.int64()), ["row 12", "column 'step'", "step 1000000000 is above"]),
+    "missing step": (_last(None, "step", pa.int64()), ["row 12", "column 'step'", "missing step"]),
+    "negative point": (_last(-3, "point_id", pa.int64()), ["row 12", "column 'point_id'", "below 0"]),
+    "point id beyond int64": (_last(2**63 + 5, "point_id", pa.uint64()),
+                              ["row 12", "column 'point_id'", f"point id {2**63 + 5} is above {2**53 - 1}"]),
+    "repeated key, last row group": (_last(2, "point_id", pa.int64()),
+                                     ["row 12", "duplicate row", "step 2, point_id 2", "row 11"]),
+}
+
+
+@pytest.fixture
+def fast_tries(monkeypatch):
+    """Count the fast path's attempts (each bad file below is one it must refuse itself)."""
+    from dpledger.ingest import steps_file
+
+    calls = []
+    fast = steps_file._ingest_parquet
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].path)
+        return fast(*args, **kwargs)
+
+    monkeypatch.setattr(steps_file, "_ingest_parquet", counted)
+    return calls
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_row_is_named_and_nothing_is_written(case, good_db, tmp_path, cli, fast_tries):
+    edit, fragments = BAD[case]
+    cols, types = _columns(seed=11), {}
+    edit(cols, types)
+    path = _write(tmp_path / "bad.parquet", cols, types)
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--db", good_db)
+    assert r.rc == 2, r
+    assert r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), r.err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert table_snapshot(good_db) == before
+    assert fast_tries == [path]  # the fast path read it, refused it, and left the naming to the careful one
+
+
+def test_a_repeated_key_in_a_shuffled_file(good_db, tmp_path, cli, fast_tries):
+    cols = _columns()
+    order = np.r_[np.random.default_rng(1).permutation(12), 5]  # row 13 repeats the key of row 7's origin
+    path = _write(tmp_path / "dup.parquet", {k: v[order] for k, v in cols.items()})
+    first = int(np.flatnonzero(order == 5)[0]) + 1
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--db", good_db)
+    assert r.rc == 2 and f"row 13: duplicate row (run_id new, step 1, point_id 1); it first appears at " in r.err, r
+    assert f"row {first}" in r.err
+    assert table_snapshot(good_db) == before
+    assert fast_tries == [path]
+
+
+def test_a_key_stored_already_is_refused(good_db, tmp_path, cli, fast_tries):
+    cols = _columns(n_steps=2, first_step=N_STEPS - 1, seed=12)  # steps 2 and 3: step 2 is stored
+    path = _write(tmp_path / "again.parquet", cols)
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "good", "--db", good_db)
+    assert r.rc == 2, r
+    m = re.search(r"again\.parquet: row (\d+): row \(run_id good, step (\d+), point_id (\d+)\) "
+                  r"is already in the warehouse", r.err)
+    assert m, r.err
+    row, step, point = (int(g) for g in m.groups())
+    assert step == N_STEPS - 1 and (cols["step"][row - 1], cols["point_id"][row - 1]) == (step, point)
+    assert table_snapshot(good_db) == before
+    assert fast_tries == [path]
+
+
+def test_steps_beyond_the_run_and_norms_above_the_clip(good_db, tmp_path, cli):
+    cols = _columns(seed=13)
+    path = _write(tmp_path / "c.parquet", cols)
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--steps", "2", "--db", good_db)
+    assert r.rc == 2 and "c.parquet: row 9, column 'step': step 2 is beyond --steps 2" in r.err, r
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--max-grad-norm", "0.0001", "--norms-clipped",
+            "--db", good_db)
+    assert r.rc == 2 and "c.parquet: row 1, column 'grad_norm'" in r.err and "exceeds" in r.err, r
+    assert table_snapshot(good_db) == before
+    # the same file, ingested before, is still checked against a smaller --steps
+    assert cli("ingest", "steps", path, "--run", "new", *RUN, "--db", good_db).rc == 0
+    r = cli("ingest", "steps", path, "--run", "new", "--steps", "2", "--db", good_db)
+    assert r.rc == 2 and "step 2 is beyond --steps 2" in r.err, r
+
+
+@pytest.mark.parametrize("missing", ["grad_norm", "point_id"])
+def test_a_missing_column(missing, good_db, tmp_path, cli):
+    cols = _columns()
+    del cols[missing]
+    path = _write(tmp_path / "m.parquet", cols)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--db", good_db)
+    assert r.rc == 2 and f"m.parquet: missing column '{missing}'" in r.err, r
+
+
+def test_string_norms_take_the_careful_path(good_db, tmp_path, cli):
+    cols = _columns()
+    cols["grad_norm"] = np.array([str(v) for v in cols["grad_norm"]][:-1] + ["oops"], dtype=object)
+    path = _write(tmp_path / "s.parquet", cols)
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--db", good_db)
+    assert r.rc == 2 and "s.parquet: row 12, column 'grad_norm': 'oops' is not a number" in r.err, r
+    assert table_snapshot(good_db) == before
+
+
+@pytest.mark.parametrize("failure", [
+    duckdb.IOException('IO Error: Could not write file "w.duckdb": No space left on device'),
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_write_refused_after_the_rows_is_one_line_and_changes_nothing(failure, good_db, tmp_path, cli,
+                                                                           monkeypatch):
+    from dpledger.ingest import load
+
+    record = load.record_ingest
+
+    def failing_record(con, *args, **kwargs):
+        record(con, *args, **kwargs)  # every row of the file is in the transaction when the disk says no
+        assert con.execute("SELECT count(*) FROM point_steps WHERE run_id = 'new'").fetchall() == [(12,)]
+        raise failure
+
+    monkeypatch.setattr(load, "record_ingest", failing_record)
+    path = _write(tmp_path / "new.parquet", _columns(seed=14))
+    before = table_snapshot(good_db)
+    r = cli("ingest", "steps", path, "--run", "new", *RUN, "--db", good_db)
+    assert r.rc == 2 and f"cannot write to database {good_db}" in r.err and "nothing of this file" in r.err, r
+    monkeypatch.undo()
+    assert table_snapshot(good_db) == before
+
+
+def test_an_interrupt_during_the_load_leaves_nothing(good_db, tmp_path, monkeypatch):
+    from dpledger import warehouse
+    from dpledger.ingest import load, steps_file
+
+    def interrupted(con, *args, **kwargs):
+        assert con.execute("SELECT count(*) FROM point_steps WHERE run_id = 'new'").fetchall() == [(12,)]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load, "extend_run_steps", interrupted)
+    path = _write(tmp_path / "new.parquet", _columns(seed=15))
+    before = table_snapshot(good_db)
+    con = warehouse.connect(good_db)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            steps_file.ingest_steps(con, path, "new", sample_rate=0.01, noise_multiplier=1.1, max_grad_norm=1.0)
+    finally:
+        con.close()
+    assert table_snapshot(good_db) == before
