@@ -33,6 +33,7 @@ test checks). Untracked steps, and models with stochastic layers, use the per-sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -68,6 +69,111 @@ from .readers import MAX_INDEX
 from .recorder import Recorder, capture_state, load_state, restore_state
 from .sinks import Sink, safe_run_id
 from .steps_file import MAX_STEPS, check_run_parameters
+
+
+class _LinearCapture:
+    """The input rows and output gradients of every ``nn.Linear`` while the norm tracker runs.
+
+    The tracker (:class:`models.grad_norms.GradNormTracker`) runs one forward over the tracked
+    points and one backward of the summed losses to the layers' outputs: on a model whose only
+    trainable modules are ``nn.Linear`` layers on ``(B, d)`` inputs, that is all the clipped sum
+    of a batch needs, ``∇W = Σ_i w_i g_i a_iᵀ`` and ``∇b = Σ_i w_i g_i`` (``a_i`` a layer's input
+    row, ``g_i`` the gradient of example i's loss at its output, ``w_i`` its clip factor). So the
+    clipping pass at tracked steps is a few small matrix products instead of a second forward and
+    backward over the batch (:meth:`grads`). Captured by a forward hook and a gradient hook on the
+    output that only read; :meth:`grads` checks what it read against the tracker's own norms
+    (``‖∇W_i‖² + ‖∇b_i‖² = (‖a_i‖² + 1) ‖g_i‖²`` summed over layers) and returns None when
+    anything is missing or does not agree (the caller then clips with a weighted backward).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        params = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+        self.layers = [m for m in params if type(m) is torch.nn.Linear]
+        self.usable = bool(self.layers) and len(self.layers) == len(params) and len(
+            {id(p) for p in model.parameters()}) == sum(1 for m in params for _ in m.parameters(recurse=False))
+        self.active = False
+        self.calls: dict[torch.nn.Module, list[list]] = {}
+        self._handles = [m.register_forward_hook(self._record) for m in self.layers] if self.usable else []
+
+    def _record(self, module, args, output) -> None:
+        if not self.active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        entry = [args[0].detach() if args and isinstance(args[0], torch.Tensor) else None, None]
+        self.calls.setdefault(module, []).append(entry)
+        output.register_hook(lambda g, entry=entry: entry.__setitem__(1, g))  # reads; returns None
+
+    def start(self) -> None:
+        self.calls = {}
+        self.active = self.usable
+
+    def stop(self) -> None:
+        self.active = False
+
+    def grads(self, rows: torch.Tensor, norms: torch.Tensor, max_grad_norm: float, n_rows: int) -> list | None:
+        """``[(param, clipped-sum gradient)]`` of the examples at ``rows`` of the tracked input
+        (``n_rows`` long), clipped with ``norms`` (theirs); None if the capture is not usable."""
+        calls, self.calls = self.calls, {}
+        if not self.usable:
+            return None
+        parts = []
+        check = torch.zeros(len(rows), dtype=torch.float64, device=norms.device)
+        for m in self.layers:
+            got = calls.get(m)
+            if not got or any(a is None or g is None or a.dim() != 2 or g.shape != (a.shape[0], m.out_features)
+                              for a, g in got):
+                return None
+            a = torch.cat([a for a, _ in got]) if len(got) > 1 else got[0][0]
+            g = torch.cat([g for _, g in got]) if len(got) > 1 else got[0][1]
+            if a.shape[0] != n_rows:
+                return None
+            a, g = a[rows], g[rows]
+            g2 = torch.linalg.vector_norm(g, dim=1).double().square()
+            if m.weight.requires_grad:
+                check += torch.linalg.vector_norm(a, dim=1).double().square() * g2
+            if m.bias is not None and m.bias.requires_grad:
+                check += g2
+            parts.append((m, a, g))
+        if len(rows) and not torch.allclose(check.sqrt(), norms.double(), rtol=1e-3, atol=1e-6):
+            return None
+        weights = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        out = []
+        for m, a, g in parts:
+            wg = g * weights.to(g.dtype)[:, None]
+            if m.weight.requires_grad:
+                out.append((m.weight, wg.T @ a))
+            if m.bias is not None and m.bias.requires_grad:
+                out.append((m.bias, wg.sum(dim=0)))
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@contextlib.contextmanager
+def _closing(capture):
+    try:
+        yield capture
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+def _captured_step(dp, grads: list, n: int, loss_sum: torch.Tensor) -> float:
+    """One DP-SGD update whose clipped sum is ``grads`` (:meth:`_LinearCapture.grads`): the
+    tail of :func:`models.dp_step.clipped_step` (Opacus's ghost-clipping optimizer adds the
+    noise from the run's generator, scales and steps); returns the batch's mean loss."""
+    dp.model.train()
+    dp.optimizer.zero_grad(set_to_none=True)
+    for p, g in grads:
+        p.grad = g.to(p.dtype).reshape(p.shape)
+    for p in dp.model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    dp.shared.step()
+    dp.shared.zero_grad(set_to_none=True)
+    return float(loss_sum.item() / n) if n else float("nan")
 
 
 @dataclass
@@ -518,7 +624,9 @@ def _loop(plan: RunPlan, dp, sampler: torch.Generator, recorder: Recorder, start
     timing = {"loop_s": 0.0, "track_s": 0.0, "sink_s": 0.0, "eval_s": 0.0}
     test_acc = float("nan")
     loop_start = time.perf_counter()
-    with GradNormTracker(dp.model, chunk_size=4096) as tracker:
+    # at tracked steps the clipped sum comes from the tracker's own pass where the model allows it
+    capture = _LinearCapture(dp.model) if dp.shared is not None and k > 0 else None
+    with GradNormTracker(dp.model, chunk_size=4096) as tracker, _closing(capture):
         for t in range(start, total):
             t0 = time.perf_counter()
             mask = torch.rand(n, generator=sampler) < q
@@ -526,7 +634,7 @@ def _loop(plan: RunPlan, dp, sampler: torch.Generator, recorder: Recorder, start
             track_s = 0.0
             tracked_now = k > 0 and t % cfg.track_every == 0
             shared = tracked_now and dp.shared is not None
-            batch_norms = None
+            batch_norms = grads = None
             if tracked_now:
                 t1 = time.perf_counter()
                 xs, ys, batch_rows = x_track, y_track, None
@@ -538,7 +646,13 @@ def _loop(plan: RunPlan, dp, sampler: torch.Generator, recorder: Recorder, start
                         batch_rows = batch_rows.clone()
                         batch_rows[missing] = k + torch.arange(len(extra), device=device)
                         xs, ys = torch.cat([x_track, x_members[extra]]), torch.cat([y_track, y_members[extra]])
-                res = tracker(xs, ys)
+                if shared and capture is not None:
+                    capture.start()
+                try:
+                    res = tracker(xs, ys)
+                finally:
+                    if capture is not None:
+                        capture.stop()
                 track_s = time.perf_counter() - t1
                 timing["track_s"] += track_s
                 recorder.add("point_steps", step=np.full(k, t, dtype=np.int64), point_id=track_point_ids,
@@ -546,7 +660,12 @@ def _loop(plan: RunPlan, dp, sampler: torch.Generator, recorder: Recorder, start
                              loss=res.losses[:k].double().cpu().numpy(), sampled=mask[track_pos_cpu].numpy())
                 if shared:
                     batch_norms = res.norms[batch_rows]
-            last_loss = dp.step(x_members[batch], y_members[batch], batch_norms)
+                    if capture is not None:
+                        grads = capture.grads(batch_rows, batch_norms, cfg.max_grad_norm, len(xs))
+            if grads is not None:
+                last_loss = _captured_step(dp, grads, len(batch), res.losses[batch_rows].sum())
+            else:
+                last_loss = dp.step(x_members[batch], y_members[batch], batch_norms)
             test_acc = float("nan")
             if (t + 1) % plan.eval_every == 0 or t == total - 1:
                 t1 = time.perf_counter()
