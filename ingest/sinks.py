@@ -38,6 +38,7 @@ from typing import Protocol
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dpledger.warehouse.db import connect
 from dpledger.warehouse.errors import UserError
@@ -319,6 +320,7 @@ class ShardSink:
         self.lake = Path(lake)
         self.worker = worker
         self._locks: dict[str, RunLock] = {}
+        self._staged: dict[tuple[str, str], list] = {}  # (run, table) -> [ParquetWriter, temporary path, rows]
         try:
             self.lake.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -393,6 +395,42 @@ class ShardSink:
         for p in stale:
             p.unlink(missing_ok=True)
 
+    def stage(self, run_id: str, tables: dict[str, pa.Table]) -> None:
+        """Write rows ahead of their commit: appended (a row group each) to the temporary file of
+        the table's next shard, ``<table>/.stage-<worker>-<random>.parquet.tmp``, made durable as
+        it grows. The next :meth:`commit` closes it, renames it to its shard's name and lists it;
+        until then no reader sees it, and a crash leaves only a temporary file, which
+        :meth:`begin` of the resumed run removes (those steps run again)."""
+        self.acquire(run_id)
+        d = self.run_dir(run_id)
+        try:
+            for name in TABLES:
+                t = tables.get(name)
+                if t is None or not t.num_rows:
+                    continue
+                entry = self._staged.get((run_id, name))
+                if entry is None:
+                    (d / name).mkdir(exist_ok=True)
+                    tmp = d / name / f".stage-{self.worker}-{uuid.uuid4().hex}.parquet.tmp"
+                    entry = self._staged[(run_id, name)] = [pq.ParquetWriter(tmp, t.schema), tmp, 0]
+                writer = entry[0]
+                writer.write_table(t if t.schema == writer.schema else t.cast(writer.schema))
+                entry[2] += t.num_rows
+                _fsync_path(entry[1])  # the commit then only has the tail to flush
+        except OSError as exc:
+            self.discard_staged(run_id)
+            raise UserError(f"cannot write shards to {d}: {exc.strerror or exc}") from None
+
+    def discard_staged(self, run_id: str) -> None:
+        """Drop the rows staged for the run's next commit (their temporary files)."""
+        for key in [k for k in self._staged if k[0] == run_id]:
+            writer, tmp, _ = self._staged.pop(key)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the file goes anyway
+                pass
+            remove_quietly(tmp)
+
     def _write_manifest(self, run_id: str, manifest: dict) -> None:
         atomic_write_bytes(self.run_dir(run_id) / "manifest.json", json.dumps(manifest, indent=1).encode())
 
@@ -411,10 +449,25 @@ class ShardSink:
         try:
             for name in TABLES:
                 t = tables.get(name)
+                staged = self._staged.pop((run_id, name), None)
+                rel = f"{name}/part-{self.worker}-{seq:06d}.parquet"
+                if staged is not None:  # rows staged ahead: the rest appended, then the file renamed into place
+                    writer, tmp, rows = staged
+                    try:
+                        if t is not None and t.num_rows:
+                            writer.write_table(t if t.schema == writer.schema else t.cast(writer.schema))
+                            rows += t.num_rows
+                        writer.close()
+                        _fsync_path(tmp)
+                        os.replace(tmp, d / rel)
+                    except BaseException:
+                        remove_quietly(tmp)
+                        raise
+                    shard["files"][name] = {"path": rel, "rows": rows}
+                    continue
                 if t is None or not t.num_rows:
                     continue
                 (d / name).mkdir(exist_ok=True)
-                rel = f"{name}/part-{self.worker}-{seq:06d}.parquet"
                 atomic_write_parquet(d / rel, t)
                 shard["files"][name] = {"path": rel, "rows": t.num_rows}
             manifest["shards"].append(shard)
@@ -423,9 +476,11 @@ class ShardSink:
         except OSError as exc:
             for info in shard["files"].values():  # renamed into place, but the commit did not happen
                 remove_quietly(d / info["path"])
+            self.discard_staged(run_id)
             raise UserError(f"cannot write shards to {d}: {exc.strerror or exc}") from None
 
     def finish(self, run_id: str, status: str) -> None:
+        self.discard_staged(run_id)  # rows never committed
         try:
             self.acquire(run_id)
             manifest = self.manifest(run_id)
@@ -441,8 +496,18 @@ class ShardSink:
             self.release(run_id)
 
     def close(self) -> None:
+        for run_id, _ in list(self._staged):
+            self.discard_staged(run_id)
         for run_id in list(self._locks):
             self.release(run_id)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 __all__ = ["LOCK_NAME", "TABLES", "DuckDBSink", "RunLock", "RunLocked", "ShardSink", "Sink", "safe_run_id"]

@@ -20,7 +20,10 @@ sink (:mod:`ingest.sinks`). The work is in three parts:
 * the recorder (:class:`ingest.recorder.Recorder`): row buffers, commits every
   ``commit_every`` steps (or ``commit_seconds``) with a progress marker and a resume
   state written first, so ``resume`` continues from the last committed step exactly
-  as the uninterrupted run would have: no duplicate and no missing step.
+  as the uninterrupted run would have: no duplicate and no missing step. Commits run
+  on the recorder's background writer thread, in order (and the lake's Parquet rows are
+  staged ahead of their commit as they accumulate); the run's last commit is waited
+  for, and a writer's error stops the run with that error.
 
 DP-SGD is Opacus's (``GradSampleModule`` + ``DPOptimizer``). At tracked steps the
 tracker has already computed every batch member's gradient norm at the step's
@@ -28,7 +31,10 @@ parameters (untracked members of the batch are added to its input), which is all
 clipping needs: the clipped sum is then one weighted backward over the batch and
 Opacus's ghost-clipping optimizer adds the noise, from the same generator, and steps
 (``reuse_norms``; the update equals the per-sample path's to float rounding, which a
-test checks). Untracked steps, and models with stochastic layers, use the per-sample path.
+test checks). On models whose trainable layers are all ``nn.Linear`` (logreg, mlp) even that
+backward is skipped: the clipped sum is formed from the layers' inputs and output gradients
+of the tracker's own pass (:class:`_LinearCapture`). Untracked steps, and models with
+stochastic layers, use the per-sample path.
 """
 
 from __future__ import annotations
@@ -81,10 +87,13 @@ class _LinearCapture:
     row, ``g_i`` the gradient of example i's loss at its output, ``w_i`` its clip factor). So the
     clipping pass at tracked steps is a few small matrix products instead of a second forward and
     backward over the batch (:meth:`grads`). Captured by a forward hook and a gradient hook on the
-    output that only read; :meth:`grads` checks what it read against the tracker's own norms
-    (``‖∇W_i‖² + ‖∇b_i‖² = (‖a_i‖² + 1) ‖g_i‖²`` summed over layers) and returns None when
-    anything is missing or does not agree (the caller then clips with a weighted backward).
+    output that only read; :meth:`grads` returns None when anything is missing, and checks what it
+    read against the tracker's own norms (``‖∇W_i‖² + ‖∇b_i‖² = (‖a_i‖² + 1) ‖g_i‖²`` summed over
+    layers) at its first calls and every :attr:`CHECK_EVERY`-th: if they ever disagree the capture
+    is off for good (the caller then clips with a weighted backward, as without it).
     """
+
+    CHECK_EVERY = 50
 
     def __init__(self, model: torch.nn.Module):
         params = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -92,6 +101,7 @@ class _LinearCapture:
         self.usable = bool(self.layers) and len(self.layers) == len(params) and len(
             {id(p) for p in model.parameters()}) == sum(1 for m in params for _ in m.parameters(recurse=False))
         self.active = False
+        self.n_grads = 0
         self.calls: dict[torch.nn.Module, list[list]] = {}
         self._handles = [m.register_forward_hook(self._record) for m in self.layers] if self.usable else []
 
@@ -116,6 +126,8 @@ class _LinearCapture:
         if not self.usable:
             return None
         parts = []
+        checking = self.n_grads < 2 or self.n_grads % self.CHECK_EVERY == 0
+        self.n_grads += 1
         check = torch.zeros(len(rows), dtype=torch.float64, device=norms.device)
         for m in self.layers:
             got = calls.get(m)
@@ -127,13 +139,15 @@ class _LinearCapture:
             if a.shape[0] != n_rows:
                 return None
             a, g = a[rows], g[rows]
-            g2 = torch.linalg.vector_norm(g, dim=1).double().square()
-            if m.weight.requires_grad:
-                check += torch.linalg.vector_norm(a, dim=1).double().square() * g2
-            if m.bias is not None and m.bias.requires_grad:
-                check += g2
+            if checking:
+                g2 = torch.linalg.vector_norm(g, dim=1).double().square()
+                if m.weight.requires_grad:
+                    check += torch.linalg.vector_norm(a, dim=1).double().square() * g2
+                if m.bias is not None and m.bias.requires_grad:
+                    check += g2
             parts.append((m, a, g))
-        if len(rows) and not torch.allclose(check.sqrt(), norms.double(), rtol=1e-3, atol=1e-6):
+        if checking and len(rows) and not torch.allclose(check.sqrt(), norms.double(), rtol=1e-3, atol=1e-6):
+            self.close()  # not what the norms were computed from: never used again
             return None
         weights = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         out = []
@@ -146,6 +160,7 @@ class _LinearCapture:
         return out
 
     def close(self) -> None:
+        self.usable = self.active = False
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -582,10 +597,14 @@ def _run(plan: RunPlan, sink: Sink, resume: bool, on_progress) -> dict:
             sink.finish(run_id, "finished")
             return {"run_id": run_id, "status": "finished", "steps": plan.total, "resumed_from": start, "rows": 0}
     sink.begin(plan.run_row, plan.points, plan.membership)
+    # commits on a background writer thread (the run's last one is waited for in the loop)
     recorder = Recorder(sink, run_id, plan.run_dir, commit_every=cfg.commit_every,
-                        commit_seconds=cfg.commit_seconds, start=start)
+                        commit_seconds=cfg.commit_seconds, start=start, background=True)
     try:
-        timing, test_acc = _loop(plan, dp, sampler, recorder, start, on_progress)
+        try:
+            timing, test_acc = _loop(plan, dp, sampler, recorder, start, on_progress)
+        finally:
+            recorder.close()  # the commits asked for are written (unless the writer failed) before the status
     except BaseException:
         try:
             sink.finish(run_id, "failed")
@@ -681,10 +700,12 @@ def _loop(plan: RunPlan, dp, sampler: torch.Generator, recorder: Recorder, start
                          peak_mem_bytes=np.array([_rss_peak_bytes(cfg.device)], dtype=np.int64),
                          test_accuracy=np.array([test_acc]), track_s=np.array([track_s]))
             if recorder.due(t, last=t == total - 1):
-                recorder.commit(t, capture_state(t, dp, sampler))
+                recorder.commit(t, capture_state(t, dp, sampler), wait=t == total - 1)
                 if on_progress:
                     on_progress({"step": t + 1, "total": total, "loss": last_loss, "test_accuracy": test_acc,
                                  "sigma": plan.sigma, "q": q, "delta": cfg.delta})
+    recorder.wait()  # everything committed (a no-op after the last step's commit)
     timing["sink_s"] = recorder.sink_s
+    timing["writer_s"] = recorder.writer_s
     timing["loop_s"] = time.perf_counter() - loop_start
     return timing, test_acc

@@ -98,3 +98,167 @@ def test_tracked_run_uses_the_fast_path_and_matches_the_per_sample_run(tmp_path,
     assert a.shape == (10 * 200, 5)
     np.testing.assert_array_equal(a[:, [0, 1, 4]], b[:, [0, 1, 4]])
     np.testing.assert_allclose(a[:, 2:4], b[:, 2:4], rtol=1e-4)
+
+
+# -- the background writer -----------------------------------------------------------------------
+
+def _cfg(run: str, **kw):
+    from dpledger.ingest.worker import TrainConfig
+
+    opts = dict(dataset="digits", model="mlp", epochs=1, n_train=200, n_test=50, batch_size=20, noise_multiplier=1.0,
+                track="all", seed=3, commit_every=3)
+    return TrainConfig(run=run, **{**opts, **kw})
+
+
+def _rows(lake, run: str):
+    """The committed point_steps rows of a run in a lake, sorted, as the manifest lists them."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = lake / f"run_id={run}"
+    manifest = json.loads((d / "manifest.json").read_text())
+    files = [d / s["files"]["point_steps"]["path"] for s in manifest["shards"] if "point_steps" in s["files"]]
+    t = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return manifest, t.sort_values(["step", "point_id"])[["step", "point_id", "grad_norm", "loss", "sampled"]]
+
+
+def _train_in_thread(cfg, sink, tmp_path, **kw):
+    """train() on a thread: a hang fails the test instead of stopping the suite."""
+    import threading
+
+    from dpledger.ingest.worker import train
+
+    out = {}
+
+    def run():
+        try:
+            out["summary"] = train(cfg, sink, db_dir=tmp_path, **kw)
+        except BaseException as exc:  # noqa: BLE001
+            out["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(300)
+    assert not th.is_alive(), "train() hung"
+    return out
+
+
+@pytest.mark.parametrize("where", ["commit", "stage"])
+def test_a_writer_error_is_one_clear_error_and_the_run_resumes_whole(tmp_path, monkeypatch, where):
+    import dpledger.ingest.recorder as recorder
+    from dpledger.ingest.sinks import ShardSink
+    from dpledger.warehouse.errors import UserError
+
+    monkeypatch.setattr(recorder, "STAGE_ROWS", 400)  # stage every 2 steps
+
+    class Failing(ShardSink):
+        calls = 0
+
+        def commit(self, run_id, step, tables):
+            if where == "commit" and step >= 5:
+                raise UserError(f"cannot write shards to {self.lake}: No space left on device")
+            return super().commit(run_id, step, tables)
+
+        def stage(self, run_id, tables):
+            Failing.calls += 1
+            if where == "stage" and Failing.calls == 2:  # stages: steps 0-1, then (after step 2's commit) 3-4
+                raise UserError(f"cannot write shards to {self.lake}: No space left on device")
+            return super().stage(run_id, tables)
+
+    lake = tmp_path / "lake"
+    sink = Failing(lake)
+    out = _train_in_thread(_cfg("r"), sink, tmp_path)
+    sink.close()
+    assert isinstance(out.get("error"), UserError) and "No space left on device" in str(out["error"])
+    manifest, rows = _rows(lake, "r")
+    assert manifest["status"] == "failed" and manifest["committed_step"] == 2
+    assert len(rows) == 3 * 200 and rows["step"].max() == 2  # what was committed, nothing past it
+    assert not list((lake / "run_id=r" / "point_steps").glob("*.tmp"))  # staged rows dropped
+    sink = ShardSink(lake)
+    out = _train_in_thread(_cfg("r"), sink, tmp_path, resume=True)
+    sink.close()
+    assert out["summary"]["resumed_from"] == 3
+    sink = ShardSink(lake)
+    _train_in_thread(_cfg("whole"), sink, tmp_path)
+    sink.close()
+    (_, a), (_, b) = _rows(lake, "r"), _rows(lake, "whole")
+    assert len(a) == len(b) == 10 * 200 and not a.duplicated(["step", "point_id"]).any()
+    np.testing.assert_array_equal(a.to_numpy(float), b.to_numpy(float))  # no gap, no duplicate, same run
+
+
+def test_staged_rows_are_committed_whole_and_counted(tmp_path, monkeypatch):
+    import dpledger.ingest.recorder as recorder
+    from dpledger.ingest.sinks import ShardSink
+
+    monkeypatch.setattr(recorder, "STAGE_ROWS", 500)  # a stage every 3 steps, commits every 4
+    lake = tmp_path / "lake"
+    sink = ShardSink(lake)
+    out = _train_in_thread(_cfg("s", commit_every=4), sink, tmp_path)
+    sink.close()
+    manifest, rows = _rows(lake, "s")
+    assert out["summary"]["rows"] == len(rows) == 10 * 200
+    assert manifest["status"] == "finished" and manifest["committed_step"] == 9
+    assert sum(s["files"]["point_steps"]["rows"] for s in manifest["shards"]) == 2000
+    assert not rows.duplicated(["step", "point_id"]).any()
+    assert not list((lake / "run_id=s").rglob("*.tmp"))
+
+
+_KILLED = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import dpledger.ingest.recorder as recorder
+from dpledger.ingest.sinks import ShardSink
+from dpledger.ingest.worker import TrainConfig, train
+recorder.STAGE_ROWS = 400
+cfg = TrainConfig(run=sys.argv[2], dataset="digits", model="mlp", epochs=30, n_train=200, n_test=50, batch_size=20,
+                  noise_multiplier=1.0, track="all", seed=3, commit_every=25)
+sink = ShardSink(sys.argv[1])
+train(cfg, sink, resume=len(sys.argv) > 3)
+sink.close()
+"""
+
+
+def test_sigkill_with_staged_rows_then_resume_neither_duplicates_nor_skips(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(_KILLED)
+    lake = tmp_path / "lake"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(script), str(lake), "k"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = lake / "run_id=k"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a commit is in and rows of the next are staged
+        try:
+            step = json.loads((d / "manifest.json").read_text()).get("committed_step")
+        except (OSError, ValueError):
+            step = None
+        if step is not None and step >= 49 and list((d / "point_steps").glob(".stage-*.tmp")):
+            break
+        assert proc.poll() is None, "the worker exited before it could be killed"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest, rows = _rows(lake, "k")
+    c = manifest["committed_step"]
+    assert manifest["status"] == "running" and 49 <= c < 299
+    assert len(rows) == (c + 1) * 200 and rows["step"].max() == c  # nothing past the marker is listed
+    r = subprocess.run([sys.executable, str(script), str(lake), "k", "resume"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(d.rglob("*.tmp"))  # the killed writer's staged file is gone
+    r = subprocess.run([sys.executable, str(script), str(lake), "whole"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (m, a), (_, b) = _rows(lake, "k"), _rows(lake, "whole")
+    assert m["status"] == "finished" and len(a) == len(b) == 300 * 200
+    assert not a.duplicated(["step", "point_id"]).any()
+    np.testing.assert_array_equal(a.to_numpy(float), b.to_numpy(float))  # bit-identical: no gap, no duplicate
