@@ -20,6 +20,7 @@ from dpledger.analysis import composition, fits, grid as gridmod, rdp
 
 from .coverage import FILL, coverage, stream
 from .epsilon_tables import summary, write_accounting, write_point_epsilon
+from .errors import UserError
 from .fit_table import fitted
 from .runs import RunInfo
 from .sqlutil import append_arrow, scalar, transaction
@@ -57,6 +58,11 @@ def ensure_grid(con, sample_rate: float, noise_multiplier: float, size: int) -> 
     return gridmod.RdpTable(sample_rate, noise_multiplier, size, orders, values, bounded)
 
 
+def _first_step(cov) -> int:
+    """The first recorded step of a dense or uniform run (each of its points covers the steps from it on)."""
+    return 0 if cov.shape == "dense" else int(cov.step_covers["steps"][0])
+
+
 def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None,
                      delta: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """(point ids, composed RDP, steps covered, indices of points refined, bound) of the run's records, hold-last.
@@ -77,6 +83,10 @@ def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None,
     # DuckDB reads the next batches (a thread) while this one is binned: the scan and the histogram overlap
     for idx, _step, ratio, covers in stream(con, run, cov, batch_rows=batch_rows, steps=False, prefetch=True):
         acc.add(idx, ratio, covers)
+    if cov.shape != "ragged" and n and not np.all(acc.covered == cov.run_steps - _first_step(cov)):
+        # every point at the same steps covers the same steps; anything else is a repeated (run, step, point) row
+        raise UserError(f"run '{run.run_id}' has repeated (step, point) rows in point_steps; "
+                        f"each point's norm of a step is recorded once")
     if table is None:
         return cov.point_ids, acc.rdp(), acc.covered, np.arange(n), 0.0
     composed, lower = acc.bounds(table)

@@ -52,19 +52,33 @@ def point_ids(con, run_ids: list[str]) -> np.ndarray:
 
 
 def coverage(con, run: RunInfo) -> Coverage:
-    """The shape of ``run``'s records and what :func:`stream` needs to give each row its covers."""
-    n_rows, n_points, n_steps, first, last = con.execute(
-        "SELECT count(*), count(DISTINCT point_id), count(DISTINCT step), min(step), max(step) "
-        "FROM point_steps WHERE run_id = ?", [run.run_id]).fetchall()[0]
-    pids = point_ids(con, [run.run_id])
+    """The shape of ``run``'s records and what :func:`stream` needs to give each row its covers.
+
+    Rows are unique per (run, step, point) (the loader checks it), so a run with as many
+    rows as ids in [min id, max id] times steps in [first, last] has every such point at
+    every such step: its shape and ids follow from count, min and max alone (DuckDB keeps
+    those cheap), with no DISTINCT over the rows. Anything else counts distinct ids and steps.
+    """
+    n_rows, first, last, lo_id, hi_id = con.execute(
+        "SELECT count(*), min(step), max(step), min(point_id), max(point_id) FROM point_steps WHERE run_id = ?",
+        [run.run_id]).fetchall()[0]
     run_steps = max(int(run.steps or 0), int(last if last is not None else -1) + 1)
-    n_steps = int(n_steps or 0)
-    if n_rows != n_points * n_steps:
+    if n_rows and first >= 0 and n_rows == (hi_id - lo_id + 1) * (last - first + 1):
+        pids = np.arange(lo_id, hi_id + 1, dtype=np.int64)
+        n_steps = last - first + 1
+        steps = np.arange(first, last + 1, dtype=np.int64)
+    else:
+        pids = point_ids(con, [run.run_id])
+        n_steps = int(con.execute("SELECT count(DISTINCT step) FROM point_steps WHERE run_id = ?",
+                                  [run.run_id]).fetchall()[0][0]) if n_rows else 0
+        steps = None
+    if n_rows != len(pids) * n_steps:
         return Coverage("ragged", pids, None, n_steps, run_steps)
     if first == 0 and n_steps == run_steps:
         return Coverage("dense", pids, None, n_steps, run_steps)
-    steps = con.sql("SELECT DISTINCT step FROM point_steps WHERE run_id = $run ORDER BY step",
-                    params={"run": run.run_id}).to_arrow_table().column(0).to_numpy()
+    if steps is None:
+        steps = con.sql("SELECT DISTINCT step FROM point_steps WHERE run_id = $run ORDER BY step",
+                        params={"run": run.run_id}).to_arrow_table().column(0).to_numpy()
     covers = np.diff(np.append(steps, run_steps))
     return Coverage("uniform", pids, {"steps": steps, "covers": covers}, n_steps, run_steps)
 
