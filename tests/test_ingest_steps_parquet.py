@@ -321,7 +321,7 @@ def test_an_interrupt_during_the_load_leaves_nothing(good_db, tmp_path, monkeypa
         assert con.execute("SELECT count(*) FROM point_steps WHERE run_id = 'new'").fetchall() == [(12,)]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(load, "extend_run_steps", interrupted)
+    monkeypatch.setattr(load, "record_ingest", interrupted)
     path = _write(tmp_path / "new.parquet", _columns(seed=15))
     before = table_snapshot(good_db)
     con = warehouse.connect(good_db)

@@ -263,6 +263,13 @@ def _conversion(index: int, udf: str):
     return fn
 
 
+@lru_cache(maxsize=256)
+def dp_epsilon_of(q: float, sigma: float, steps: int, delta: float) -> tuple[float, float]:
+    """``rdp.dp_epsilon`` remembered: ``dp_epsilon`` and ``dp_best_order`` of one mechanism
+    are one computation, which a writer may also start ahead, on a thread (ingest steps)."""
+    return rdp.dp_epsilon(q, sigma, steps, delta)
+
+
 def _dp(index: int, udf: str):
     def fn(q, sigma, steps, delta):
         masks = [_nulls(c) for c in (q, sigma, steps, delta)]
@@ -276,7 +283,7 @@ def _dp(index: int, udf: str):
 
         def one(k, idx):
             qq, ss, tt, dd = k
-            return rdp.dp_epsilon(qq, ss, int(tt), dd)[index]
+            return dp_epsilon_of(float(qq), float(ss), int(tt), float(dd))[index]
 
         _grouped(out, [q, sigma, steps, delta], one)
         return _result(out, q, sigma, steps, delta)
