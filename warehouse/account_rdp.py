@@ -13,6 +13,8 @@ training trajectory, which the per-step norms depend on.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 
@@ -33,29 +35,68 @@ REFINE_STEPS = 5_000
 
 def ensure_grid(con, sample_rate: float, noise_multiplier: float, size: int) -> gridmod.RdpTable:
     """The tabulated per-step RDP of (q, σ) on ``size`` cells, from ``rdp_grid`` or computed and stored."""
-    orders = np.asarray(rdp.DEFAULT_ORDERS, dtype=np.float64)
-    key = [sample_rate, noise_multiplier, size]
-    where = "sample_rate = ? AND noise_multiplier = ? AND grid_size = ?"
-    n = scalar(con.execute(f"SELECT count(*) FROM rdp_grid WHERE {where}", key))
-    if n != (size + 1) * len(orders):
-        con.execute(f"DELETE FROM rdp_grid WHERE {where}", key)
-        table = gridmod.tabulate(sample_rate, noise_multiplier, size, orders)
-        alpha = np.repeat(orders[None, :], size + 1, axis=0)
-        j = np.repeat(np.arange(size + 1)[:, None], len(orders), axis=1)
-        bounded = np.isin(alpha, table.bounded_orders)
-        rows = pa.table({
-            "sample_rate": np.full(alpha.size, sample_rate), "noise_multiplier": np.full(alpha.size, noise_multiplier),
-            "grid_size": np.full(alpha.size, size, dtype=np.int32), "alpha": alpha.ravel(),
-            "j": j.ravel().astype(np.int32), "rho": table.values.ravel(), "bounded": bounded.ravel(),
-        })
-        append_arrow(con, "rdp_grid", rows)
+    return PendingGrid(con, sample_rate, noise_multiplier, size, background=False).result(con)
+
+
+class PendingGrid:
+    """:func:`ensure_grid`'s table, read from ``rdp_grid`` now or tabulated (with its error
+    bound, :attr:`analysis.grid.RdpTable.excess`) in a thread while the caller streams the
+    run's rows: both take about a second, and the rows' histogram leaves the other core
+    mostly idle. :meth:`result` waits for it and stores a new table in ``rdp_grid``."""
+
+    def __init__(self, con, sample_rate: float, noise_multiplier: float, size: int, background: bool = True):
+        self.sample_rate, self.noise_multiplier, self.size = sample_rate, noise_multiplier, int(size)
+        self.orders = np.asarray(rdp.DEFAULT_ORDERS, dtype=np.float64)
+        self._key = [sample_rate, noise_multiplier, self.size]
+        n = scalar(con.execute(f"SELECT count(*) FROM rdp_grid WHERE {self._WHERE}", self._key))
+        self._new = n != (self.size + 1) * len(self.orders)
+        self._table: gridmod.RdpTable | None = None
+        self._error: BaseException | None = None
+        if not self._new:
+            got = con.sql(
+                f"SELECT alpha, j, rho, bounded FROM rdp_grid WHERE {self._WHERE} ORDER BY alpha, j", params=self._key
+            ).to_arrow_table()
+            values = got.column("rho").to_numpy().reshape(len(self.orders), self.size + 1).T.copy()
+            bounded = sorted(set(got.filter(got.column("bounded")).column("alpha").to_pylist()))
+            self._table = gridmod.RdpTable(sample_rate, noise_multiplier, self.size, self.orders, values, bounded)
+        self._thread = threading.Thread(target=self._compute, name="dpledger-grid", daemon=True) if background else None
+        if self._thread is not None:
+            self._thread.start()
+
+    _WHERE = "sample_rate = ? AND noise_multiplier = ? AND grid_size = ?"
+
+    def _compute(self) -> None:
+        try:
+            if self._table is None:
+                self._table = gridmod.tabulate(self.sample_rate, self.noise_multiplier, self.size, self.orders)
+            self._table.excess  # noqa: B018 - computed here, off the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - raised by result()
+            self._error = exc
+
+    def result(self, con) -> gridmod.RdpTable:
+        """The table (stored in ``rdp_grid`` if it was new); ``con`` must be free (no open stream)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        elif self._table is None and self._error is None:
+            self._compute()
+        if self._error is not None:
+            raise self._error
+        table = self._table
+        if self._new:
+            sample_rate, noise_multiplier, size, orders = self.sample_rate, self.noise_multiplier, self.size, self.orders
+            con.execute(f"DELETE FROM rdp_grid WHERE {self._WHERE}", self._key)
+            alpha = np.repeat(orders[None, :], size + 1, axis=0)
+            j = np.repeat(np.arange(size + 1)[:, None], len(orders), axis=1)
+            bounded = np.isin(alpha, table.bounded_orders)
+            rows = pa.table({
+                "sample_rate": np.full(alpha.size, sample_rate), "noise_multiplier": np.full(alpha.size, noise_multiplier),
+                "grid_size": np.full(alpha.size, size, dtype=np.int32), "alpha": alpha.ravel(),
+                "j": j.ravel().astype(np.int32), "rho": table.values.ravel(), "bounded": bounded.ravel(),
+            })
+            append_arrow(con, "rdp_grid", rows)
+            self._new = False
         return table
-    got = con.sql(
-        f"SELECT alpha, j, rho, bounded FROM rdp_grid WHERE {where} ORDER BY alpha, j", params=key
-    ).to_arrow_table()
-    values = got.column("rho").to_numpy().reshape(len(orders), size + 1).T.copy()
-    bounded = sorted(set(got.filter(got.column("bounded")).column("alpha").to_pylist()))
-    return gridmod.RdpTable(sample_rate, noise_multiplier, size, orders, values, bounded)
 
 
 def _first_step(cov) -> int:
@@ -63,7 +104,7 @@ def _first_step(cov) -> int:
     return 0 if cov.shape == "dense" else int(cov.step_covers["steps"][0])
 
 
-def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None,
+def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | PendingGrid | None,
                      delta: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """(point ids, composed RDP, steps covered, indices of points refined, bound) of the run's records, hold-last.
 
@@ -71,7 +112,7 @@ def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None,
     :data:`analysis.composition.EXACT_RTOL` are recomputed exactly, loosest first, as long
     as they cover at most :data:`REFINE_STEPS` steps in all; ``bound`` is the largest
     relative amount by which any remaining point's ε may exceed its exact value (0 when
-    exact)."""
+    exact). A :class:`PendingGrid` is awaited after the rows are binned."""
     cov = coverage(con, run)
     n = len(cov.point_ids)
     if table is not None:
@@ -89,6 +130,8 @@ def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | None,
                         f"each point's norm of a step is recorded once")
     if table is None:
         return cov.point_ids, acc.rdp(), acc.covered, np.arange(n), 0.0
+    if isinstance(table, PendingGrid):
+        table = table.result(con)
     composed, lower = acc.bounds(table)
     if not delta:
         return cov.point_ids, composed, acc.covered, np.zeros(0, dtype=np.int64), float("nan")
@@ -120,12 +163,15 @@ def account_rdp(con, run: RunInfo, delta: float, exact: bool, size: int, fill: s
     notes = [FILL if fill == "step" else f"fill {fill}: per-step ratios between records from analysis.fits "
                                           f"(held at the first/last record outside them)"]
     with transaction(con):
-        table = None if exact else ensure_grid(con, run.sample_rate, run.noise_multiplier, size)
         refined, bound = np.zeros(0, dtype=np.int64), 0.0
         if fill != "step":
+            table = None if exact else ensure_grid(con, run.sample_rate, run.noise_multiplier, size)
             pids, composed, covered = compose_filled(con, run, fill, table)
         else:
-            pids, composed, covered, refined, bound = compose_recorded(con, run, table, delta)
+            # the grid is tabulated while the rows stream
+            pending = None if exact else PendingGrid(con, run.sample_rate, run.noise_multiplier, size)
+            pids, composed, covered, refined, bound = compose_recorded(con, run, pending, delta)
+            table = None if exact else pending.result(con)
         if len(refined) and not exact:
             notes.append(f"{len(refined)} points recomputed exactly: the grid's error bound did not pin their epsilon "
                          f"within {composition.EXACT_RTOL:g} relative")
