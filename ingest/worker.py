@@ -149,12 +149,12 @@ class _LinearCapture:
         if checking and len(rows) and not torch.allclose(check.sqrt(), norms.double(), rtol=1e-3, atol=1e-6):
             self.close()  # not what the norms were computed from: never used again
             return None
-        weights = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        weights = (max_grad_norm / (norms + 1e-6)).clamp_(max=1.0).to(parts[0][2].dtype).unsqueeze(1)
         out = []
         for m, a, g in parts:
-            wg = g * weights.to(g.dtype)[:, None]
+            wg = g.mul_(weights)  # g is this call's own copy (rows picked out above)
             if m.weight.requires_grad:
-                out.append((m.weight, wg.T @ a))
+                out.append((m.weight, torch.mm(wg.t(), a)))
             if m.bias is not None and m.bias.requires_grad:
                 out.append((m.bias, wg.sum(dim=0)))
         return out

@@ -12,13 +12,14 @@ import time
 
 import duckdb
 
-STEPS, POINTS = 200, 60  # epochs 40 at q = 20/100 -> 200 steps; every point tracked every step
+STEPS, POINTS = 600, 60  # epochs 120 at q = 20/100 -> 600 steps; every point tracked every step (long enough
+# for the reader to catch the runs training: commits no longer hold the training loop up)
 
 
 def _train(db, run):
     return subprocess.Popen(
         [sys.executable, "-m", "dpledger", "train", "--dataset", "digits", "--model", "logreg", "--n-train", "100",
-         "--batch-size", "20", "--epochs", "40", "--track", str(POINTS), "--noise-multiplier", "1.0",
+         "--batch-size", "20", "--epochs", "120", "--track", str(POINTS), "--noise-multiplier", "1.0",
          "--commit-every", "2", "--eval-every", "10", "--run", run, "--db", str(db)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
