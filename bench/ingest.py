@@ -110,7 +110,7 @@ def main() -> int:
     met = ratio >= GOAL
     print(f"peer: bare INSERT ... SELECT FROM read_parquet : {b:6.2f} s  {args.rows / b:12,.0f} rows/s")
     print(f"dpledger ingest steps                          : {o:6.2f} s  {args.rows / o:12,.0f} rows/s")
-    print(f"ratio (dpledger / peer throughput)             : {ratio:.2f}  goal >= {GOAL}: "
+    print(f"ratio (dpledger / peer throughput)             : {ratio:.3f}  goal >= {GOAL}: "
           f"{'met' if met else 'MISSED'}  (best of {args.repeat}; {args.rows:,} rows)")
     return 0 if met else 1
 

@@ -144,11 +144,11 @@ def _read_parquet(path: Path, src: Source, columns: list[str] | None, max_rows: 
 
 
 def parquet_schema(path: Path, columns: list[str], max_rows: int | None = None,
-                   max_bytes: int | None = None) -> tuple[pa.Schema, int] | None:
-    """The Arrow schema and row count of a Parquet file that :func:`read_table` would read
-    without complaint (flat columns, all in ``columns``, within the row and byte limits);
-    None for anything else (not Parquet, unreadable, nested, too big), for which
-    :func:`read_table` gives the message. Reads the footer only."""
+                   max_bytes: int | None = None) -> tuple[pa.Schema, int, pq.FileMetaData] | None:
+    """The Arrow schema, row count and footer of a Parquet file that :func:`read_table`
+    would read without complaint (flat columns, all in ``columns``, within the row and
+    byte limits); None for anything else (not Parquet, unreadable, nested, too big), for
+    which :func:`read_table` gives the message. Reads the footer only."""
     max_rows = MAX_ROWS if max_rows is None else max_rows
     max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     try:
@@ -166,7 +166,27 @@ def parquet_schema(path: Path, columns: list[str], max_rows: int | None = None,
         return None
     if sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)) > max_bytes:
         return None
-    return schema, meta.num_rows
+    return schema, meta.num_rows, meta
+
+
+def parquet_int_range(meta: pq.FileMetaData, column: str) -> tuple[int, int] | None:
+    """(min, max) of an integer column over the row groups, from the footer's statistics;
+    None where a row group lacks them or counts a null. A hint only: nothing that
+    relies on it may trust it without checking the rows."""
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if column not in names or meta.num_row_groups == 0:
+        return None
+    k = names.index(column)
+    lo = hi = None
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(k).statistics
+        if stats is None or not stats.has_min_max or stats.null_count != 0:
+            return None
+        if not isinstance(stats.min, int) or not isinstance(stats.max, int):
+            return None
+        lo = stats.min if lo is None else min(lo, stats.min)
+        hi = stats.max if hi is None else max(hi, stats.max)
+    return lo, hi
 
 
 def _read_csv(path: Path, src: Source, max_rows: int) -> pa.Table:

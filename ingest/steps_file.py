@@ -35,6 +35,7 @@ from .readers import (
     file_sha256,
     float_column,
     int_column,
+    parquet_int_range,
     parquet_schema,
     read_table,
     require_columns,
@@ -129,10 +130,15 @@ def ingest_steps(
     check_run_parameters(sample_rate, noise_multiplier, max_grad_norm, delta, steps, batch_size)
     params = {"sample_rate": sample_rate, "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
               "delta": delta, "dataset": dataset, "steps": steps, "batch_size": batch_size}
-    plan = _fast_plan(con, Path(path), run, steps, max_grad_norm if norms_clipped else None, norms_clipped)
+    clip = max_grad_norm if norms_clipped else None
+    plan = _fast_plan(con, Path(path), run, steps, clip, norms_clipped)
     if plan is not None:
         try:
-            return _ingest_parquet(con, plan, run, params)
+            try:
+                return _ingest_parquet(con, plan, run, params)
+            except _NotGrid:  # rolled back: the keys are checked on a thread instead
+                return _ingest_parquet(con, _fast_plan(con, Path(path), run, steps, clip, norms_clipped, False),
+                                       run, params)
         except _Recheck:
             pass  # rolled back, nothing written: the careful path names what is wrong
     return _ingest_arrow(con, path, run, params, norms_clipped)
@@ -181,6 +187,13 @@ class _Recheck(Exception):
     careful path is to name; raised inside the transaction, so it is rolled back."""
 
 
+class _NotGrid(Exception):
+    """The rows are not the (step, point) grid in row-major order that the footer suggested."""
+
+
+_ROW_FAILED = "dpledger: a row failed its check"
+_NOT_GRID = "dpledger: the keys are not a row-major grid"
+
 #: Characters DuckDB's read_parquet takes as a glob pattern: such a path takes the careful path.
 _GLOB = frozenset("*?[]{}")
 
@@ -191,22 +204,43 @@ class _Plan:
     rows: int
     sql: str
     params: dict
+    grid: tuple[int, int, int, int] | None  # (first step, last step, first point, points a step)
 
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _fast_plan(con, path: Path, run: str, steps: int | None, clip: float | None, norms_clipped: bool) -> _Plan | None:
+def _grid(meta, rows: int) -> tuple[int, int, int, int] | None:
+    """(first step, last step, first point, points a step) where the footer's statistics
+    say the file could be every point at every step of a range (rows = steps x points)."""
+    steps, points = parquet_int_range(meta, "step"), parquet_int_range(meta, "point_id")
+    if steps is None or points is None or steps[0] < 0 or points[0] < 0:
+        return None
+    width = points[1] - points[0] + 1
+    if width <= 0 or (steps[1] - steps[0] + 1) * width != rows:
+        return None
+    return steps[0], steps[1], points[0], width
+
+
+def _fast_plan(con, path: Path, run: str, steps: int | None, clip: float | None, norms_clipped: bool,
+               use_grid: bool = True) -> _Plan | None:
     """The one INSERT ... SELECT that loads a Parquet file with the checks of the careful
     path as SQL (a failed check is DuckDB's ``error()``, which aborts the statement); None
-    where the file is not a plain Parquet file of the expected column types."""
+    where the file is not a plain Parquet file of the expected column types.
+
+    Where the footer suggests a grid (every point of a range at every step of a range),
+    the same scan also proves the keys distinct: each row's key, numbered in row-major
+    order (``(step - s0) * points + (point_id - p0)``, point ids within the range), must be
+    its row number in the file; distinct row numbers make distinct keys, whatever the
+    footer claimed. A file that is no such grid fails that check (``_NotGrid``) and is
+    loaded again with its keys checked on a thread (:func:`_file_keys`)."""
     if any(c in _GLOB for c in str(path)):
         return None
     got = parquet_schema(path, REQUIRED + OPTIONAL)
     if got is None:
         return None
-    schema, rows = got
+    schema, rows = got[0], got[1]
     types = {f.name: f.type for f in schema}
     if rows == 0 or any(c not in types for c in REQUIRED):
         return None
@@ -218,13 +252,32 @@ def _fast_plan(con, path: Path, run: str, steps: int | None, clip: float | None,
         return None
     if not scalar(con.execute("SELECT current_setting('enable_external_access')")):
         return None
+    grid = _grid(got[2], rows) if use_grid else None
     last_step = min(MAX_STEPS, steps) - 1 if steps is not None else MAX_STEPS - 1
-    checks = [f"step BETWEEN 0 AND {last_step}", f"point_id BETWEEN 0 AND {MAX_INDEX}",
-              "isfinite(grad_norm)", "grad_norm >= 0"]
+    if grid is not None:
+        s0, _, p0, width = grid
+        if s0 + (rows - 1) // width > last_step or p0 + width - 1 > MAX_INDEX:
+            grid = None  # no such grid of allowed keys: the rows are checked one by one, and refused
+    # NaN and infinities by isfinite(), never by comparisons: DuckDB folds a comparison that
+    # the footer's min/max prove, and Parquet leaves NaN out of those. Ranges of whole
+    # numbers (and NULLs, by the footer's null counts) are, like every DuckDB query on the
+    # file, taken from the statistics where they settle them.
+    checks = ["isfinite(grad_norm)", "grad_norm >= 0"]
     if clip is not None:
         checks.append("grad_norm <= $clip")
     if "loss" in types:
         checks.append("(loss IS NULL OR isfinite(loss))")
+    source = f"read_parquet({_sql_string(os.path.abspath(path))})"
+    keys_ok = "true"
+    if grid is None:
+        checks[:0] = [f"step BETWEEN 0 AND {last_step}", f"point_id BETWEEN 0 AND {MAX_INDEX}"]
+    else:
+        # row i holds key (s0 + i // width, p0 + i % width): the key's row-major number is the
+        # row number, point ids within [p0, p0 + width). It also keeps every step within
+        # [s0, s0 + (rows - 1) // width] and every point id within the range, checked above.
+        keys_ok = (f"CASE WHEN point_id BETWEEN {p0} AND {p0 + width - 1} AND step::BIGINT * {width} "
+                   f"+ point_id::BIGINT = file_row_number + {s0 * width + p0} THEN true ELSE error('{_NOT_GRID}') END")
+        source = f"read_parquet({_sql_string(os.path.abspath(path))}, file_row_number = true)"
     select = {"run_id": "$run", "step": "step::BIGINT", "point_id": "point_id::BIGINT",
               "grad_norm": "grad_norm::DOUBLE", "norm_clipped": "$clipped"}
     if "loss" in types:
@@ -233,13 +286,12 @@ def _fast_plan(con, path: Path, run: str, steps: int | None, clip: float | None,
         select["sampled"] = "sampled"
     # a row that fails a check stops the statement (DuckDB's error()); the careful path
     # then says which row and why. The filter runs before the casts of the projection.
-    sql = (f"INSERT INTO point_steps ({', '.join(select)}) SELECT {', '.join(select.values())} "
-           f"FROM read_parquet({_sql_string(os.path.abspath(path))}) "
-           f"WHERE CASE WHEN {' AND '.join(checks)} THEN true ELSE error('dpledger: a row failed its check') END")
+    sql = (f"INSERT INTO point_steps ({', '.join(select)}) SELECT {', '.join(select.values())} FROM {source} "
+           f"WHERE CASE WHEN {' AND '.join(checks)} THEN {keys_ok} ELSE error('{_ROW_FAILED}') END")
     params = {"run": run, "clipped": bool(norms_clipped)}
     if clip is not None:
         params["clip"] = float(clip) * (1 + 1e-4)
-    return _Plan(path, rows, sql, params)
+    return _Plan(path, rows, sql, params, grid)
 
 
 @dataclass(frozen=True)
@@ -354,7 +406,13 @@ def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
             sha_future = None
         else:
             sha, sha_future = None, pool.submit(_background, file_sha256, path)
-        keys_future = pool.submit(_background, _file_keys, path, p["dataset"] is not None)
+        if plan.grid is not None:  # the keys are proven distinct by the load itself
+            s0, s1, p0, width = plan.grid
+            ids = pa.array(np.arange(p0, p0 + width, dtype=np.int64)) if p["dataset"] is not None else None
+            keys_future = Future()
+            keys_future.set_result(_Keys(False, s0, s1, ids))
+        else:
+            keys_future = pool.submit(_background, _file_keys, path, p["dataset"] is not None)
         stored = load.get_run(con, run)
         _check_new_run(run, stored, p)
         if stored is not None:  # parameters that conflict with the stored run's are refused before the load
@@ -368,6 +426,8 @@ def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
         try:
             n = scalar(con.execute(plan.sql, plan.params))
         except duckdb.Error as exc:  # a failed check, or a read or write error: the careful path tells
+            if _NOT_GRID in str(exc) and _ROW_FAILED not in str(exc):
+                raise _NotGrid() from exc
             raise _Recheck(str(exc)) from exc
         keys = _result(keys_future)
         if keys.duplicate or n != plan.rows:
