@@ -126,6 +126,11 @@ class Histogram:
 
     def add(self, idx: np.ndarray, ratio: np.ndarray, covers: np.ndarray | None = None) -> None:
         """Rows of point index ``idx`` with ratio ``ratio``, each standing for ``covers`` steps (default 1)."""
+        self.add_prepared(self.prepare(idx, ratio, covers))
+
+    def prepare(self, idx: np.ndarray, ratio: np.ndarray, covers: np.ndarray | None = None) -> tuple:
+        """:meth:`add`'s elementwise half (cells and weights of the rows), touching no state: a
+        reader thread may run it while :meth:`add_prepared` scatters the previous batch."""
         idx = np.asarray(idx, dtype=np.int64)
         j, f = tent_cells(ratio, self.size)
         if len(j) != len(idx):
@@ -138,6 +143,11 @@ class Histogram:
             covers = np.asarray(covers, dtype=np.float64)
             np.multiply(1.0 - f, covers, out=w.real)
             np.multiply(f, covers, out=w.imag)
+        return idx, j, w, covers
+
+    def add_prepared(self, prepared: tuple) -> None:
+        """:meth:`add`'s scatter half, of what :meth:`prepare` returned."""
+        idx, j, w, covers = prepared
         scatter_add(self._cells, idx, j, w)  # checks idx lies in [0, n_points)
         self.covered += np.bincount(idx, weights=covers, minlength=self.n_points)
         self._values = None

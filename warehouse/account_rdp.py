@@ -121,9 +121,13 @@ def compose_recorded(con, run: RunInfo, table: gridmod.RdpTable | PendingGrid | 
     else:
         acc = composition.ExactSum(n, run.sample_rate, run.noise_multiplier, rdp.DEFAULT_ORDERS)
         batch_rows = 1 << 15
-    # DuckDB reads the next batches (a thread) while this one is binned: the scan and the histogram overlap
-    for idx, _step, ratio, covers in stream(con, run, cov, batch_rows=batch_rows, steps=False, prefetch=True):
-        acc.add(idx, ratio, covers)
+    # a thread reads the next batches from DuckDB and computes their cells while this one scatters them
+    if table is not None:
+        for prepared in stream(con, run, cov, batch_rows=batch_rows, steps=False, prefetch=True, prepare=acc.prepare):
+            acc.add_prepared(prepared)
+    else:
+        for idx, _step, ratio, covers in stream(con, run, cov, batch_rows=batch_rows, steps=False, prefetch=True):
+            acc.add(idx, ratio, covers)
     if cov.shape != "ragged" and n and not np.all(acc.covered == cov.run_steps - _first_step(cov)):
         # every point at the same steps covers the same steps; anything else is a repeated (run, step, point) row
         raise UserError(f"run '{run.run_id}' has repeated (step, point) rows in point_steps; "

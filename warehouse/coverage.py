@@ -84,7 +84,7 @@ def coverage(con, run: RunInfo) -> Coverage:
 
 
 def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=None, steps: bool = True,
-           prefetch: bool = False):
+           prefetch: bool = False, prepare=None):
     """Batches of (point index into ``cov.point_ids``, step, ratio r, steps covered) of one run.
 
     ``covers`` is None for a dense run (every row covers 1). The numbers of the view
@@ -95,7 +95,9 @@ def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=Non
     ``steps=False``: the caller needs no steps; a dense run's step column is then not read
     (step is None). ``prefetch``: DuckDB reads the next batches in a thread while the caller
     works on this one (DuckDB releases the GIL while it reads); the caller must not use
-    ``con`` until the generator is exhausted or closed.
+    ``con`` until the generator is exhausted or closed. ``prepare(idx, ratio, covers)``:
+    yield what it returns instead (run in the reader thread with ``prefetch``: numpy's
+    elementwise work releases the GIL, so it overlaps the caller's).
     """
     table = "point_step_coverage" if cov.shape == "ragged" else "point_steps"
     extra = ", covers" if cov.shape == "ragged" else ""
@@ -113,24 +115,27 @@ def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=Non
         if last - first < 1 << 24:  # covers of each recorded step by one gather, not a binary search
             lookup = np.zeros(last - first + 1)
             lookup[cov.step_covers["steps"] - first] = cov.step_covers["covers"]
-    reader = con.sql(sql, params=params).to_arrow_reader(batch_size=batch_rows)
-    batches = _prefetched(reader) if prefetch else reader
-    try:
-        for batch in batches:
-            pid = batch.column(0).to_numpy()
-            step = batch.column(1).to_numpy() if read_step else None
-            idx = pid - pids[0] if contiguous else np.searchsorted(pids, pid)
-            ratio = clipped_ratio(batch.column(2).to_numpy(), run.max_grad_norm)
-            if cov.shape == "dense":
-                covers = None
-            elif cov.shape == "uniform":
-                if lookup is not None:
-                    covers = lookup[step - first]
-                else:
-                    covers = cov.step_covers["covers"][np.searchsorted(cov.step_covers["steps"], step)].astype(np.float64)
+
+    def convert(batch):
+        pid = batch.column(0).to_numpy()
+        step = batch.column(1).to_numpy() if read_step else None
+        idx = pid - pids[0] if contiguous else np.searchsorted(pids, pid)
+        ratio = clipped_ratio(batch.column(2).to_numpy(), run.max_grad_norm)
+        if cov.shape == "dense":
+            covers = None
+        elif cov.shape == "uniform":
+            if lookup is not None:
+                covers = lookup[step - first]
             else:
-                covers = batch.column(3).to_numpy().astype(np.float64)
-            yield idx, step, ratio, covers
+                covers = cov.step_covers["covers"][np.searchsorted(cov.step_covers["steps"], step)].astype(np.float64)
+        else:
+            covers = batch.column(3).to_numpy().astype(np.float64)
+        return (idx, step, ratio, covers) if prepare is None else prepare(idx, ratio, covers)
+
+    reader = con.sql(sql, params=params).to_arrow_reader(batch_size=batch_rows)
+    batches = _prefetched(reader, convert) if prefetch else map(convert, reader)
+    try:
+        yield from batches
     finally:
         if prefetch:
             batches.close()
@@ -140,9 +145,9 @@ def stream(con, run: RunInfo, cov: Coverage, batch_rows: int = 1 << 20, only=Non
 _END = object()
 
 
-def _prefetched(reader, depth: int = 4):
-    """The reader's batches, read ahead by a thread (at most ``depth`` waiting); an error in
-    the thread is raised here; closing the generator stops the thread."""
+def _prefetched(reader, convert=None, depth: int = 8):
+    """The reader's batches (each passed through ``convert``), read ahead by a thread (at most
+    ``depth`` waiting); an error in the thread is raised here; closing the generator stops the thread."""
     out: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
@@ -158,7 +163,7 @@ def _prefetched(reader, depth: int = 4):
     def read() -> None:
         try:
             for batch in reader:
-                if not put(batch):
+                if not put(batch if convert is None else convert(batch)):
                     return
             put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
