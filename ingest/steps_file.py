@@ -11,7 +11,6 @@ existing run must agree with its stored parameters.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,21 +336,6 @@ def _file_keys(path: Path, want_ids: bool) -> _Keys:
     return _Keys(duplicate, lo, hi, point_ids)
 
 
-#: Niceness of the helper threads (hash, keys, ε) beside DuckDB's load: they use the
-#: cycles its threads leave idle rather than slowing it down.
-HELPER_NICENESS = int(os.environ.get("DPLEDGER_HELPER_NICE", "10"))
-
-
-def _background(fn, *args):
-    """``fn(*args)`` on a helper thread, at a lower priority (Linux: per thread) than the load."""
-    try:
-        if HELPER_NICENESS:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HELPER_NICENESS)
-    except (AttributeError, OSError):
-        pass  # no per-thread priority here: same work, ordinary priority
-    return fn(*args)
-
-
 def _result(future: Future):
     """A helper thread's answer; its failure (an unreadable file, say) is the careful path's to report."""
     try:
@@ -405,14 +389,14 @@ def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
                 return load.skipped_result(path, seen)
             sha_future = None
         else:
-            sha, sha_future = None, pool.submit(_background, file_sha256, path)
+            sha, sha_future = None, pool.submit(file_sha256, path)
         if plan.grid is not None:  # the keys are proven distinct by the load itself
             s0, s1, p0, width = plan.grid
             ids = pa.array(np.arange(p0, p0 + width, dtype=np.int64)) if p["dataset"] is not None else None
             keys_future = Future()
             keys_future.set_result(_Keys(False, s0, s1, ids))
         else:
-            keys_future = pool.submit(_background, _file_keys, path, p["dataset"] is not None)
+            keys_future = pool.submit(_file_keys, path, p["dataset"] is not None)
         stored = load.get_run(con, run)
         _check_new_run(run, stored, p)
         if stored is not None:  # parameters that conflict with the stored run's are refused before the load
@@ -421,7 +405,7 @@ def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
         else:  # a new run is stored after the load, with its steps (one round of the run's bookkeeping)
             mechanism = {"sample_rate": p["sample_rate"], "noise_multiplier": p["noise_multiplier"],
                          "delta": p["delta"] if p["delta"] is not None else DEFAULT_DELTA, "steps": p["steps"]}
-        warm = pool.submit(_background, _warm_epsilon, mechanism, keys_future)
+        warm = pool.submit(_warm_epsilon, mechanism, keys_future)
         last_stored = _check_stored(con, path, run, _result(keys_future)) if stored is not None else None
         try:
             n = scalar(con.execute(plan.sql, plan.params))
