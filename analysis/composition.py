@@ -64,17 +64,20 @@ except ImportError:  # a scipy without it: np.add.at, the same sums
     _coo_todense = None
 
 
-def scatter_add(out: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> None:
+def scatter_add(out: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
+                checked: bool = False) -> None:
     """``out[rows[i], cols[i]] += weights[i]`` for every i, duplicates summed, in place.
 
     ``out``: a C-contiguous 2-D array of ``weights``'s dtype. The indices are checked to
-    lie inside ``out`` first (the fast loop does not check them)."""
+    lie inside ``out`` first (the fast loop does not check them), unless ``checked``: the
+    caller has proven them in range."""
     n = len(rows)
     if n == 0:
         return
     if len(cols) != n or len(weights) != n:
         raise ValueError("rows, cols and weights differ in length")
-    if rows.min() < 0 or rows.max() >= out.shape[0] or cols.min() < 0 or cols.max() >= out.shape[1]:
+    if not checked and (rows.min() < 0 or rows.max() >= out.shape[0] or cols.min() < 0
+                        or cols.max() >= out.shape[1]):
         raise IndexError(f"an index lies outside the {out.shape} histogram")
     if _coo_todense is not None and out.flags.c_contiguous and weights.dtype == out.dtype:
         _coo_todense(out.shape[0], out.shape[1], n, rows, cols, weights, out.reshape(-1), 0)
@@ -132,24 +135,34 @@ class Histogram:
         """:meth:`add`'s elementwise half (cells and weights of the rows), touching no state: a
         reader thread may run it while :meth:`add_prepared` scatters the previous batch."""
         idx = np.asarray(idx, dtype=np.int64)
-        j, f = tent_cells(ratio, self.size)
+        j, f = tent_cells(ratio, self.size)  # 0 <= j < size by construction
         if len(j) != len(idx):
             raise ValueError("idx and ratio differ in length")
+        # the rows per point: bincount refuses a negative index, and a longer result names
+        # an index past the last point; so this is the scatter's range check too
+        try:
+            counts = np.bincount(idx, minlength=self.n_points) if len(idx) else np.zeros(self.n_points, np.int64)
+        except ValueError:  # a negative index
+            counts = None
+        if counts is None or len(counts) > self.n_points:
+            raise IndexError(f"a point index lies outside the {self.n_points} points of the histogram")
         w = np.empty(len(j), dtype=np.complex128)
         if covers is None:
             np.subtract(1.0, f, out=w.real)
             w.imag = f
+            covered = counts
         else:
             covers = np.asarray(covers, dtype=np.float64)
             np.multiply(1.0 - f, covers, out=w.real)
             np.multiply(f, covers, out=w.imag)
-        return idx, j, w, covers
+            covered = np.bincount(idx, weights=covers, minlength=self.n_points)
+        return idx, j, w, covered
 
     def add_prepared(self, prepared: tuple) -> None:
-        """:meth:`add`'s scatter half, of what :meth:`prepare` returned."""
-        idx, j, w, covers = prepared
-        scatter_add(self._cells, idx, j, w)  # checks idx lies in [0, n_points)
-        self.covered += np.bincount(idx, weights=covers, minlength=self.n_points)
+        """:meth:`add`'s scatter half, of what :meth:`prepare` returned (indices checked there)."""
+        idx, j, w, covered = prepared
+        scatter_add(self._cells, idx, j, w, checked=True)
+        self.covered += covered
         self._values = None
 
     @property
@@ -169,15 +182,32 @@ class Histogram:
         return compose(self.values, table)
 
     def bounds(self, table: RdpTable) -> tuple[np.ndarray, np.ndarray]:
-        """(upper, lower) bounds of the exact composed RDP per point and order (module docstring)."""
-        upper = self.rdp(table)
-        return upper, lower_bound(self.values, table, upper)
+        """(upper, lower) bounds of the exact composed RDP per point and order (module docstring).
+
+        Read straight from the complex cells, viewed as floats (re_0, im_0, re_1, im_1, ...)
+        per point: ``values @ T`` is ``cells @ T2`` with T2's rows 2j = T_j and 2j+1 = T_{j+1},
+        so one matrix product over the histogram gives both the chords' sum and the
+        excess, with no (n_points, size + 1) copy."""
+        if table.size != self.size:
+            raise ValueError(f"the table has {table.size} cells, the histogram {self.size}")
+        both = np.concatenate([table.values, table.excess], axis=1)  # (size + 1, 2 orders)
+        paired = np.empty((2 * self.size, both.shape[1]))
+        paired[0::2] = both[:-1]
+        paired[1::2] = both[1:]
+        out = self._cells.view(np.float64) @ paired
+        k = table.values.shape[1]
+        upper = out[:, :k] * (1.0 + ROUNDING_MARGIN)
+        return upper, _lower_from(upper, out[:, k:])
 
 
 def lower_bound(hist: np.ndarray, table: RdpTable, upper: np.ndarray) -> np.ndarray:
     """A lower bound of the exact sum: the chords' sum less the histogram times the table's excess."""
+    return _lower_from(upper, hist @ table.excess)
+
+
+def _lower_from(upper: np.ndarray, excess: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
-        low = upper / (1.0 + ROUNDING_MARGIN) - hist @ table.excess
+        low = upper / (1.0 + ROUNDING_MARGIN) - excess
     return np.maximum(np.nan_to_num(low, nan=0.0, neginf=0.0), 0.0) * (1.0 - ROUNDING_MARGIN)
 
 
