@@ -136,6 +136,47 @@ def _log_a_frac(q: float, sigma: np.ndarray, alpha: float) -> np.ndarray:
         f"order {alpha:g})")
 
 
+def _log_a_frac_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """:func:`_log_a_frac` of one noise multiplier at several fractional orders at once: the
+    same terms in the same operations, elementwise over the orders instead of over noise
+    multipliers (so the same bits), each order stopping by its own rule. One data-independent
+    ε (``dp_epsilon``) then costs a few ms instead of one series loop per order."""
+    m = alphas.shape[0]
+    log_a0 = np.full(m, -np.inf)
+    log_a1 = np.full(m, -np.inf)
+    active = np.ones(m, dtype=bool)
+    s = np.float64(sigma)
+    z0 = np.square(s) * math.log(1 / q - 1) + 0.5
+    ceil_a = np.array([math.ceil(a) for a in alphas])
+    first_stop = ceil_a + 1  # not before the binomial's bulk: see the module docstring
+    lgamma_a = [math.lgamma(a + 1) for a in alphas]
+    log_q, log_1q = math.log(q), math.log1p(-q)
+    two_s2 = 2 * np.square(s)
+    scale = math.sqrt(2) * s
+    for i in range(validate.MAX_SERIES_TERMS):
+        idx = np.flatnonzero(active)
+        a = alphas[idx]
+        positive = (i <= a) | ((i - ceil_a[idx]) % 2 == 0)
+        log_coef = np.array([lgamma_a[k] - math.lgamma(i + 1) - math.lgamma(alphas[k] - i + 1) for k in idx])
+        j = a - i
+        log_t0 = log_coef + i * log_q + j * log_1q
+        log_t1 = log_coef + j * log_q + i * log_1q
+        log_e0 = math.log(0.5) + _log_erfc((i - z0) / scale)
+        log_e1 = math.log(0.5) + _log_erfc((z0 - j) / scale)
+        log_s0 = log_t0 + (i * i - i) / two_s2 + log_e0
+        log_s1 = log_t1 + (j * j - j) / two_s2 + log_e1
+        log_a0[idx] = np.where(positive, _log_add(log_a0[idx], log_s0), _log_sub(log_a0[idx], log_s0))
+        log_a1[idx] = np.where(positive, _log_add(log_a1[idx], log_s1), _log_sub(log_a1[idx], log_s1))
+        done = (i >= first_stop[idx]) & ~(np.maximum(log_s0, log_s1) >= -30)  # NaN stops too
+        active[idx[done]] = False
+        if not active.any():
+            return np.logaddexp(log_a0, log_a1)
+    raise ParameterError(
+        f"the fractional-order series of the sampled Gaussian did not converge within "
+        f"{validate.MAX_SERIES_TERMS} terms (sample_rate {q:g}, noise_multiplier {float(sigma):g}, "
+        f"order {float(alphas[active][0]):g})")
+
+
 # Above this effective noise multiplier the fractional-order series loses its digits to
 # cancellation (checked against 50-digit quadrature), while the small-noise expansion
 # RDP = α q² / (2σ²) (1 + O(σ⁻²)) is accurate to ~1e-8; it is used there, raised by
@@ -165,6 +206,11 @@ def rdp_sgm(q: float, noise_multiplier, orders=DEFAULT_ORDERS) -> np.ndarray:
     out = np.zeros((sigma.shape[0], orders.shape[0]))
     live = ~np.isinf(sigma)
     s = sigma[live]
+    one = {}  # one noise multiplier: every fractional order's series at once
+    if s.size == 1 and q != 1.0 and not s[0] > _ASYMPTOTIC_SIGMA:
+        frac = np.flatnonzero([not float(a).is_integer() for a in orders])
+        if frac.size:
+            one = dict(zip(frac.tolist(), _log_a_frac_orders(q, float(s[0]), orders[frac]) / (orders[frac] - 1)))
     for m, alpha in enumerate(orders):
         if s.size == 0:
             break
@@ -172,6 +218,8 @@ def rdp_sgm(q: float, noise_multiplier, orders=DEFAULT_ORDERS) -> np.ndarray:
             col = alpha / (2 * np.square(s))
         elif float(alpha).is_integer():
             col = log_a_int(q, s, int(alpha)) / (alpha - 1)
+        elif m in one:
+            col = np.array([one[m]])
         else:
             col = np.empty(s.shape)
             far = s > _ASYMPTOTIC_SIGMA
