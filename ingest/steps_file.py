@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from dpledger.analysis import validate
 from dpledger.analysis.validate import ParameterError, positive, whole
 from dpledger.warehouse.errors import UserError
+from dpledger.warehouse.runs import prepare_epsilon
 from dpledger.warehouse.sqlutil import first, scalar
 
 from . import load
@@ -347,14 +348,12 @@ def _result(future: Future):
 def _warm_epsilon(row: dict, keys_future: Future) -> None:
     """Compute, on a thread while DuckDB loads the rows, the run's data-independent ε that
     the run's bookkeeping (``runs.remember_epsilon``, when the steps are extended) asks for
-    after the load: the UDF then finds it remembered (``udfs.dp_epsilon_of``). Best effort:
+    after the load: the UDF then finds it computed (``runs.prepare_epsilon``). Best effort:
     a miss only means the UDF computes it itself."""
     try:
-        from dpledger.warehouse.udfs import dp_epsilon_of
-
         steps = max(row["steps"] or 0, keys_future.result().last_step + 1)
         if row["sample_rate"] is not None and row["noise_multiplier"] is not None and row["delta"] is not None:
-            dp_epsilon_of(float(row["sample_rate"]), float(row["noise_multiplier"]), int(steps), float(row["delta"]))
+            prepare_epsilon(row["sample_rate"], row["noise_multiplier"], steps, row["delta"])
     except Exception:
         pass
 

@@ -126,3 +126,12 @@ def remember_epsilon(con, run_ids: list[str] | None = None) -> int:
         "       dp_best_order(sample_rate, noise_multiplier, steps, delta) "
         f"FROM (SELECT DISTINCT r.sample_rate, r.noise_multiplier, r.steps, r.delta {_MEMO_MISSING})", params)
     return con.execute("SELECT count(*) FROM dp_epsilon_memo").fetchall()[0][0] - before
+
+
+def prepare_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> None:
+    """Compute ahead (e.g. on a thread while a load runs) the ε that :func:`remember_epsilon`
+    will ask the ``dp_epsilon`` UDF for: the UDF then finds it computed. Raises what
+    :func:`dpledger.analysis.rdp.dp_epsilon` raises for parameters out of range."""
+    from .udfs import dp_epsilon_of
+
+    dp_epsilon_of(float(sample_rate), float(noise_multiplier), int(steps), float(delta))
