@@ -97,6 +97,19 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
     return math.log(2) + special.log_ndtr(-x * 2**0.5)
 
 
+def _frac_terms(i: int, j, log_coef, q: float, z0, sigma):
+    """The i-th pair of log-terms (log s0, log s1) of the erfc series, for binom(α, i) of log
+    magnitude ``log_coef`` and j = α - i; scalars or arrays alike (the two series below
+    run it over noise multipliers or over orders, with the same operations)."""
+    log_t0 = log_coef + i * math.log(q) + j * math.log1p(-q)
+    log_t1 = log_coef + j * math.log(q) + i * math.log1p(-q)
+    log_e0 = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
+    log_e1 = math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
+    log_s0 = log_t0 + (i * i - i) / (2 * np.square(sigma)) + log_e0
+    log_s1 = log_t1 + (j * j - j) / (2 * np.square(sigma)) + log_e1
+    return log_s0, log_s1
+
+
 def _log_a_frac(q: float, sigma: np.ndarray, alpha: float) -> np.ndarray:
     """log A_α for fractional α by the erfc series (Mironov et al. 2019, §3.3), bounded."""
     n = sigma.shape[0]
@@ -110,14 +123,7 @@ def _log_a_frac(q: float, sigma: np.ndarray, alpha: float) -> np.ndarray:
         # binom(α, i) by sign and log magnitude: the plain value overflows for large α
         positive = i <= alpha or (i - math.ceil(alpha)) % 2 == 0
         log_coef = lgamma_a - math.lgamma(i + 1) - math.lgamma(alpha - i + 1)  # log|Γ| below 0 too
-        j = alpha - i
-        log_t0 = log_coef + i * math.log(q) + j * math.log1p(-q)
-        log_t1 = log_coef + j * math.log(q) + i * math.log1p(-q)
-        s = sigma[active]
-        log_e0 = math.log(0.5) + _log_erfc((i - z0[active]) / (math.sqrt(2) * s))
-        log_e1 = math.log(0.5) + _log_erfc((z0[active] - j) / (math.sqrt(2) * s))
-        log_s0 = log_t0 + (i * i - i) / (2 * np.square(s)) + log_e0
-        log_s1 = log_t1 + (j * j - j) / (2 * np.square(s)) + log_e1
+        log_s0, log_s1 = _frac_terms(i, alpha - i, log_coef, q, z0[active], sigma[active])
         if positive:
             log_a0[active] = _log_add(log_a0[active], log_s0)
             log_a1[active] = _log_add(log_a1[active], log_s1)
@@ -150,21 +156,12 @@ def _log_a_frac_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray
     ceil_a = np.array([math.ceil(a) for a in alphas])
     first_stop = ceil_a + 1  # not before the binomial's bulk: see the module docstring
     lgamma_a = [math.lgamma(a + 1) for a in alphas]
-    log_q, log_1q = math.log(q), math.log1p(-q)
-    two_s2 = 2 * np.square(s)
-    scale = math.sqrt(2) * s
     for i in range(validate.MAX_SERIES_TERMS):
         idx = np.flatnonzero(active)
         a = alphas[idx]
         positive = (i <= a) | ((i - ceil_a[idx]) % 2 == 0)
         log_coef = np.array([lgamma_a[k] - math.lgamma(i + 1) - math.lgamma(alphas[k] - i + 1) for k in idx])
-        j = a - i
-        log_t0 = log_coef + i * log_q + j * log_1q
-        log_t1 = log_coef + j * log_q + i * log_1q
-        log_e0 = math.log(0.5) + _log_erfc((i - z0) / scale)
-        log_e1 = math.log(0.5) + _log_erfc((z0 - j) / scale)
-        log_s0 = log_t0 + (i * i - i) / two_s2 + log_e0
-        log_s1 = log_t1 + (j * j - j) / two_s2 + log_e1
+        log_s0, log_s1 = _frac_terms(i, a - i, log_coef, q, z0, s)
         log_a0[idx] = np.where(positive, _log_add(log_a0[idx], log_s0), _log_sub(log_a0[idx], log_s0))
         log_a1[idx] = np.where(positive, _log_add(log_a1[idx], log_s1), _log_sub(log_a1[idx], log_s1))
         done = (i >= first_stop[idx]) & ~(np.maximum(log_s0, log_s1) >= -30)  # NaN stops too

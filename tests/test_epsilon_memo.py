@@ -18,6 +18,7 @@ from dpledger import warehouse
 from dpledger.analysis import rdp
 from dpledger.analysis.rdp import DEFAULT_ORDERS
 from dpledger.ingest import ingest_steps
+from dpledger.warehouse import udfs
 
 Q, SIGMA, STEPS, DELTA = 0.02, 0.9, 40, 1e-5
 
@@ -71,6 +72,7 @@ def test_runs_reads_the_memo_without_evaluating_rdp(db, tmp_path, cli, monkeypat
         raise AssertionError("runs evaluated the RDP of the sampled Gaussian")
 
     monkeypatch.setattr(rdp, "dp_epsilon", refuse)
+    udfs.dp_epsilon_of.cache_clear()  # the ingest computed it in this process: a cached ε would hide a call
     r = cli("runs", "--db", db, "--json")
     assert r.rc == 0, r
     (run,) = r.json()
