@@ -30,6 +30,7 @@ from dpledger.warehouse.sqlutil import first, scalar
 from . import load
 from .readers import (
     MAX_INDEX,
+    BackgroundSha256,
     Source,
     bool_column,
     file_sha256,
@@ -376,60 +377,85 @@ def _check_stored(con, path: Path, run: str, keys: _Keys) -> int | None:
 def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
     """Load ``plan``'s file in one DuckDB scan; ``_Recheck`` (rolled back) when anything is off."""
     path = plan.path
-    with ThreadPoolExecutor(max_workers=2) as pool, load.write_transaction(con):
-        # A file ingested before has the same number of rows: only then is the hash needed
-        # before the load (a no-op); otherwise it is computed alongside
-        if load.ingested_with_rows(con, KIND, run, plan.rows):
-            sha = file_sha256(path)
-            seen = load.find_ingest(con, sha, KIND, run)
-            if seen is not None:
-                if p["steps"] is not None or "clip" in plan.params:
-                    raise _Recheck("the careful path checks the rows against --steps before the ledger")
-                return load.skipped_result(path, seen)
-            sha_future = None
-        else:
-            sha, sha_future = None, pool.submit(file_sha256, path)
-        if plan.grid is not None:  # the keys are proven distinct by the load itself
-            s0, s1, p0, width = plan.grid
-            ids = pa.array(np.arange(p0, p0 + width, dtype=np.int64)) if p["dataset"] is not None else None
-            keys_future = Future()
-            keys_future.set_result(_Keys(False, s0, s1, ids))
-        else:
-            keys_future = pool.submit(_file_keys, path, p["dataset"] is not None)
-        stored = load.get_run(con, run)
-        _check_new_run(run, stored, p)
-        if stored is not None:  # parameters that conflict with the stored run's are refused before the load
-            _ensure_run(con, run, stored, p, str(path))
-            mechanism = load.get_run(con, run)
-        else:  # a new run is stored after the load, with its steps (one round of the run's bookkeeping)
-            mechanism = {"sample_rate": p["sample_rate"], "noise_multiplier": p["noise_multiplier"],
-                         "delta": p["delta"] if p["delta"] is not None else DEFAULT_DELTA, "steps": p["steps"]}
-        warm = pool.submit(_warm_epsilon, mechanism, keys_future)
-        last_stored = _check_stored(con, path, run, _result(keys_future)) if stored is not None else None
+    database = load.database_path(con)
+    hasher = None
+    with ThreadPoolExecutor(max_workers=3) as pool, load.write_transaction(con):
         try:
-            n = scalar(con.execute(plan.sql, plan.params))
-        except duckdb.Error as exc:  # a failed check, or a read or write error: the careful path tells
-            if _NOT_GRID in str(exc) and _ROW_FAILED not in str(exc):
-                raise _NotGrid() from exc
+            # A file ingested before has the same number of rows: only then is the hash needed
+            # before the load (a no-op); otherwise it is computed alongside, at low priority
+            if load.ingested_with_rows(con, KIND, run, plan.rows):
+                sha = file_sha256(path)
+                seen = load.find_ingest(con, sha, KIND, run)
+                if seen is not None:
+                    if p["steps"] is not None or "clip" in plan.params:
+                        raise _Recheck("the careful path checks the rows against --steps before the ledger")
+                    return load.skipped_result(path, seen)
+            else:
+                sha, hasher = None, _start_hash(path)
+            return _load_parquet(con, pool, plan, run, p, sha, hasher, database)
+        finally:
+            if hasher is not None:
+                hasher.close()
+
+
+def _start_hash(path: Path) -> BackgroundSha256:
+    try:
+        return BackgroundSha256(path)
+    except OSError as exc:  # unreadable: the careful path says so
+        raise _Recheck(str(exc)) from exc
+
+
+def _load_parquet(con, pool: ThreadPoolExecutor, plan: _Plan, run: str, p: dict, sha: str | None,
+                  hasher: BackgroundSha256 | None, database: str) -> dict:
+    path = plan.path
+    if plan.grid is not None:  # the keys are proven distinct by the load itself
+        s0, s1, p0, width = plan.grid
+        ids = pa.array(np.arange(p0, p0 + width, dtype=np.int64)) if p["dataset"] is not None else None
+        keys_future = Future()
+        keys_future.set_result(_Keys(False, s0, s1, ids))
+    else:
+        keys_future = pool.submit(_file_keys, path, p["dataset"] is not None)
+    stored = load.get_run(con, run)
+    _check_new_run(run, stored, p)
+    if stored is not None:  # parameters that conflict with the stored run's are refused before the load
+        _ensure_run(con, run, stored, p, str(path))
+        mechanism = load.get_run(con, run)
+    else:  # a new run is stored after the load, with its steps (one round of the run's bookkeeping)
+        mechanism = {"sample_rate": p["sample_rate"], "noise_multiplier": p["noise_multiplier"],
+                     "delta": p["delta"] if p["delta"] is not None else DEFAULT_DELTA, "steps": p["steps"]}
+    warm = pool.submit(_warm_epsilon, mechanism, keys_future)
+    last_stored = _check_stored(con, path, run, _result(keys_future)) if stored is not None else None
+    try:
+        n = scalar(con.execute(plan.sql, plan.params))
+    except duckdb.Error as exc:  # a failed check, or a read or write error: the careful path tells
+        if _NOT_GRID in str(exc) and _ROW_FAILED not in str(exc):
+            raise _NotGrid() from exc
+        raise _Recheck(str(exc)) from exc
+    # the rows' pages go to disk while the CPUs finish the hash and the bookkeeping
+    flushed = pool.submit(load.flush_database_file, database) if os.path.isfile(database) else None
+    keys = _result(keys_future)
+    if keys.duplicate or n != plan.rows:
+        raise _Recheck("a key repeats within the file")
+    last = max(keys.last_step, last_stored if last_stored is not None else -1)
+    warm.result()
+    if stored is None:
+        _ensure_run(con, run, None, p, str(path), steps_value=max(p["steps"] or 0, last + 1))
+    else:
+        load.extend_run_steps(con, run, last)
+    if p["dataset"] is not None:
+        load.insert_points(con, pa.table({
+            "dataset": pa.array([p["dataset"]] * len(keys.point_ids), pa.string()),
+            "point_id": keys.point_ids,
+            "split": pa.array(["train"] * len(keys.point_ids), pa.string()),
+        }))
+    if sha is None:
+        try:
+            sha = hasher.result()
+        except OSError as exc:
             raise _Recheck(str(exc)) from exc
-        keys = _result(keys_future)
-        if keys.duplicate or n != plan.rows:
-            raise _Recheck("a key repeats within the file")
-        last = max(keys.last_step, last_stored if last_stored is not None else -1)
-        warm.result()
-        if stored is None:
-            _ensure_run(con, run, None, p, str(path), steps_value=max(p["steps"] or 0, last + 1))
-        else:
-            load.extend_run_steps(con, run, last)
-        if p["dataset"] is not None:
-            load.insert_points(con, pa.table({
-                "dataset": pa.array([p["dataset"]] * len(keys.point_ids), pa.string()),
-                "point_id": keys.point_ids,
-                "split": pa.array(["train"] * len(keys.point_ids), pa.string()),
-            }))
-        if sha is None:
-            sha = _result(sha_future)
-        load.record_ingest(con, sha, KIND, run, str(path), n, [run])
+    load.record_ingest(con, sha, KIND, run, str(path), n, [run])
+    if flushed is not None:
+        flushed.result()
     return {"path": str(path), "status": "ingested", "rows": n, "runs": [run]}
 
 

@@ -380,3 +380,130 @@ def test_an_interrupt_during_the_load_leaves_nothing(good_db, tmp_path, monkeypa
     finally:
         con.close()
     assert table_snapshot(good_db) == before
+
+
+# ------------------------------------------------------------- the hash beside the load, the early flush
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, 5 * (1 << 20) + 17])
+def test_background_sha256_equals_hashlib(tmp_path, size):
+    """The low-priority hash, whatever the point where result() takes it over, is the file's sha256."""
+    from dpledger.ingest import readers
+
+    path = tmp_path / "blob"
+    path.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert readers.BackgroundSha256(path).result() == want          # taken over at once
+    hasher = readers.BackgroundSha256(path)
+    hasher._thread.join()                                           # hashed wholly on the thread
+    assert hasher.result() == want
+    assert readers.file_sha256(path) == want
+
+
+def test_background_sha256_stops_and_hands_over(tmp_path, monkeypatch):
+    """result() stops the thread at a block boundary and hashes the rest itself: a thread that
+    never gets the CPU (here: one held at its first read) cannot hold the ingest up."""
+    import builtins
+    import threading
+
+    from dpledger.ingest import readers
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 40_000)  # ~10 blocks of 1 MiB
+    gate, thread_reads = threading.Event(), []
+
+    class HeldFile:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n):
+            if threading.current_thread().name == "dpledger-sha256":
+                thread_reads.append(n)
+                gate.wait(10)
+            return self.f.read(n)
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr(readers, "open", lambda p, mode: HeldFile(builtins.open(p, mode)), raising=False)
+    hasher = readers.BackgroundSha256(path)
+    threading.Timer(0.2, gate.set).start()
+    assert hasher.result() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(thread_reads) == 1  # the thread read one block, then stopped: the caller hashed the rest
+
+
+def test_background_sha256_thread_priority(tmp_path, monkeypatch):
+    """On Linux the hashing thread lowers its own priority, and only its own."""
+    import os
+    import sys
+    import threading
+
+    from dpledger.ingest import readers
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are Linux's")
+    seen = {}
+    real_run = readers.BackgroundSha256._run
+
+    def spy(self):
+        real_run(self)
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(readers.BackgroundSha256, "_run", spy)
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 1000)
+    readers.BackgroundSha256(path).result()
+    assert seen["thread"] == max(before, readers.HASH_THREAD_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
+
+
+def test_hash_read_error_falls_back_to_the_careful_path(tmp_path, db, cli, monkeypatch):
+    """A read error of the hashing thread rolls the fast path back; the careful path hashes
+    the file itself and ingests it once, completely."""
+    from dpledger.ingest import readers, steps_file
+
+    def broken(self):
+        self._error = OSError(errno.EIO, "Input/output error")
+
+    careful = []
+    real_arrow = steps_file._ingest_arrow
+    monkeypatch.setattr(readers.BackgroundSha256, "_run", broken)
+    monkeypatch.setattr(steps_file, "_ingest_arrow", lambda *a, **k: careful.append(1) or real_arrow(*a, **k))
+    path = _write(tmp_path / "f.parquet", _columns())
+    res = cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db)
+    assert res.rc == 0, res.output
+    assert careful == [1]
+    assert _q(db, "SELECT count(*) FROM point_steps") == [(N_STEPS * N_POINTS,)]
+    assert _q(db, "SELECT sha256 FROM ingests") == [(hashlib.sha256(path.read_bytes()).hexdigest(),)]
+
+
+def test_database_file_flushed_before_commit(tmp_path, db, cli, monkeypatch, fast_only):
+    """The fast path flushes the database file itself (found by its inode) before the commit;
+    a flush that fails changes nothing: every row is stored, once."""
+    import os
+
+    from dpledger.ingest import load
+
+    flushed = []
+
+    def fsync(fd):
+        flushed.append(os.fstat(fd).st_ino)
+        raise OSError(errno.EIO, "flush failed")
+
+    monkeypatch.setattr(load.os, "fsync", fsync)
+    path = _write(tmp_path / "f.parquet", _columns())
+    assert cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db).rc == 0
+    assert flushed == [os.stat(db).st_ino]
+    assert _q(db, "SELECT count(*) FROM point_steps") == [(N_STEPS * N_POINTS,)]
+    assert _q(db, "SELECT count(*) FROM ingests") == [(1,)]
+
+
+def test_flush_database_file_is_best_effort(tmp_path):
+    from dpledger.ingest import load
+
+    load.flush_database_file(str(tmp_path / "missing.duckdb"))  # no such file: nothing happens
+    f = tmp_path / "x.duckdb"
+    f.write_bytes(b"abc")
+    load.flush_database_file(str(f))
+    assert f.read_bytes() == b"abc"
