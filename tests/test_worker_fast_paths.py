@@ -100,6 +100,47 @@ def test_tracked_run_uses_the_fast_path_and_matches_the_per_sample_run(tmp_path,
     np.testing.assert_allclose(a[:, 2:4], b[:, 2:4], rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_train, threads, want", [(600, None, "process"), (200, None, 1), (600, 1, 1)])
+def test_tracker_threads(tmp_path, monkeypatch, n_train, threads, want):
+    """An mlp steps on one thread; the norm tracker takes the process's threads when it tracks
+    PARALLEL_TRACKED_POINTS or more points (unless --threads says otherwise), and the run's
+    config records it. The threads are the run's own: the caller's are restored."""
+    import json
+
+    import dpledger.ingest.worker as worker
+    from dpledger.ingest.sinks import ShardSink
+    from dpledger.models.grad_norms import GradNormTracker
+
+    assert worker.PARALLEL_TRACKED_POINTS == 512
+    process = 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(process)
+    seen, stepping = [], []
+    call = GradNormTracker.__call__
+    monkeypatch.setattr(GradNormTracker, "__call__",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or call(self, *a, **k))
+    captured = worker._captured_step
+    monkeypatch.setattr(worker, "_captured_step",
+                        lambda *a, **k: stepping.append(torch.get_num_threads()) or captured(*a, **k))
+    try:
+        cfg = worker.TrainConfig(run="t", dataset="digits", model="mlp", epochs=0.2, n_train=n_train, n_test=50,
+                                 batch_size=20, noise_multiplier=1.0, track="all", seed=3, threads=threads)
+        sink = ShardSink(tmp_path / "lake")
+        try:
+            worker.train(cfg, sink, db_dir=tmp_path)
+        finally:
+            sink.close()
+        assert torch.get_num_threads() == process  # the caller's threads, restored
+    finally:
+        torch.set_num_threads(before)
+    expect = process if want == "process" else want
+    assert seen and set(seen) == {expect}
+    assert stepping and set(stepping) == {1}  # the DP-SGD steps of an mlp stay single-threaded
+    run = json.loads((tmp_path / "lake" / "run_id=t" / "run.json").read_text())
+    config = run["config"] if isinstance(run.get("config"), dict) else json.loads(run["config"])
+    assert config["tracker_threads"] == expect and config["torch_threads"] == 1
+
+
 # -- the background writer -----------------------------------------------------------------------
 
 def _cfg(run: str, **kw):

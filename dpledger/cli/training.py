@@ -43,7 +43,9 @@ def train(
     n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test points.")] = None,
     subset_ratio: Annotated[Optional[float], typer.Option(help="Train on a random subset (membership recorded).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: 1 for logreg/mlp, else all).")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="Torch threads (default: 1 for logreg/mlp, else all; the norm tracker takes all "
+             "when it tracks 512+ points).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue run RUN from its last committed step.")] = None,
     sink: Annotated[str, typer.Option(help="lake: committed shards in lake/ beside the database, merged at the end "
                                            "(readers never wait); database: straight into the database file.")] = "lake",
