@@ -136,10 +136,13 @@ def _log_a_frac(q: float, sigma: np.ndarray, alpha: float) -> np.ndarray:
             active[idx[done]] = False
             if not active.any():
                 return np.logaddexp(log_a0, log_a1)
-    raise ParameterError(
+    raise _not_converged(q, float(sigma[active][0]), alpha)
+
+
+def _not_converged(q: float, sigma: float, alpha: float) -> ParameterError:
+    return ParameterError(
         f"the fractional-order series of the sampled Gaussian did not converge within "
-        f"{validate.MAX_SERIES_TERMS} terms (sample_rate {q:g}, noise_multiplier {float(sigma[active][0]):g}, "
-        f"order {alpha:g})")
+        f"{validate.MAX_SERIES_TERMS} terms (sample_rate {q:g}, noise_multiplier {sigma:g}, order {alpha:g})")
 
 
 def _log_a_frac_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
@@ -168,10 +171,7 @@ def _log_a_frac_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray
         active[idx[done]] = False
         if not active.any():
             return np.logaddexp(log_a0, log_a1)
-    raise ParameterError(
-        f"the fractional-order series of the sampled Gaussian did not converge within "
-        f"{validate.MAX_SERIES_TERMS} terms (sample_rate {q:g}, noise_multiplier {float(sigma):g}, "
-        f"order {float(alphas[active][0]):g})")
+    raise _not_converged(q, float(sigma), float(alphas[active][0]))
 
 
 # Above this effective noise multiplier the fractional-order series loses its digits to

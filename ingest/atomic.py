@@ -29,14 +29,22 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
+def fsync_path(path: Path | str) -> None:
+    """Make the written bytes of the file at ``path`` durable (``fsync``); raises ``OSError``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the whole file at ``tmp``; it is made durable and renamed to ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)  # a failed write leaves no half-written temporary file behind

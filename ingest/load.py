@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,6 +22,7 @@ from dpledger.warehouse.errors import UserError
 from dpledger.warehouse.runs import remember_epsilon
 from dpledger.warehouse.sqlutil import append_arrow, first, scalar, transaction
 
+from .atomic import fsync_path
 from .readers import Source
 
 # Run parameters that identify a run: a second file for the same run must agree.
@@ -63,15 +63,9 @@ def flush_database_file(path: str) -> None:
     pages at any moment anyway, and only the commit makes them part of the database.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        fsync_path(path)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def _io_failure(exc: BaseException) -> BaseException | None:

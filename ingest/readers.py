@@ -45,11 +45,16 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 _HASH_BLOCK = 1 << 20
 
 
+def _hash_rest(h, f) -> None:
+    """Feed the rest of the open file ``f`` to the hash ``h``, a block at a time."""
+    for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+        h.update(block)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_BLOCK), b""):
-            h.update(chunk)
+        _hash_rest(h, f)
     return h.hexdigest()
 
 
@@ -95,14 +100,12 @@ class BackgroundSha256:
 
     def result(self) -> str:
         """The file's sha256 (hex); raises what reading it raised."""
-        self._stop.set()
-        self._thread.join()
+        self._halt()
         try:
             if self._error is not None:
                 raise self._error
             if not self._eof:
-                for block in iter(lambda: self._file.read(_HASH_BLOCK), b""):
-                    self._hash.update(block)
+                _hash_rest(self._hash, self._file)
                 self._eof = True
             return self._hash.hexdigest()
         finally:
@@ -110,9 +113,13 @@ class BackgroundSha256:
 
     def close(self) -> None:
         """Stop hashing and close the file (when the result is not wanted after all)."""
+        self._halt()
+        self._file.close()
+
+    def _halt(self) -> None:
+        """Stop the thread at a block boundary (the hash and the file are then the caller's)."""
         self._stop.set()
         self._thread.join()
-        self._file.close()
 
 
 @dataclass(frozen=True)

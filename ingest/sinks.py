@@ -45,7 +45,7 @@ from dpledger.warehouse.errors import UserError
 from dpledger.warehouse.sqlutil import append_arrow, transaction
 
 from . import load
-from .atomic import atomic_write_bytes, atomic_write_parquet, remove_quietly
+from .atomic import atomic_write_bytes, atomic_write_parquet, fsync_path, remove_quietly
 
 TABLES = ("point_steps", "steps", "evaluations", "checkpoints")
 _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
@@ -416,7 +416,7 @@ class ShardSink:
                 writer = entry[0]
                 writer.write_table(t if t.schema == writer.schema else t.cast(writer.schema))
                 entry[2] += t.num_rows
-                _fsync_path(entry[1])  # the commit then only has the tail to flush
+                fsync_path(entry[1])  # the commit then only has the tail to flush
         except OSError as exc:
             self.discard_staged(run_id)
             raise UserError(f"cannot write shards to {d}: {exc.strerror or exc}") from None
@@ -458,7 +458,7 @@ class ShardSink:
                             writer.write_table(t if t.schema == writer.schema else t.cast(writer.schema))
                             rows += t.num_rows
                         writer.close()
-                        _fsync_path(tmp)
+                        fsync_path(tmp)
                         os.replace(tmp, d / rel)
                     except BaseException:
                         remove_quietly(tmp)
@@ -500,14 +500,6 @@ class ShardSink:
             self.discard_staged(run_id)
         for run_id in list(self._locks):
             self.release(run_id)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["LOCK_NAME", "TABLES", "DuckDBSink", "RunLock", "RunLocked", "ShardSink", "Sink", "safe_run_id"]

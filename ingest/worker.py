@@ -310,7 +310,7 @@ MAX_LR = 1e6
 MAX_TARGET_EPSILON = 1e6
 MAX_SEED = 2**63 - 1
 MAX_THREADS = 4096
-#: Tracked points from which the norm tracker runs on the process's threads (see train()).
+#: Tracked points from which the norm tracker runs on the process's threads (see plan_run()).
 PARALLEL_TRACKED_POINTS = 512
 
 
@@ -468,15 +468,18 @@ class RunPlan:
     run_row: dict               # the ``runs`` row
     points: pa.Table            # the ``points`` rows
     membership: pa.Table | None  # the ``membership`` rows of a subset run
-    tracker_threads: int = 1    # torch threads while the norm tracker runs (see train())
+    tracker_threads: int = 1    # torch threads while the norm tracker runs (see plan_run())
 
     @property
     def n(self) -> int:
         return len(self.members)
 
 
-def plan_run(cfg: TrainConfig, db_dir: Path | None, torch_threads: int, tracker_threads: int | None = None) -> RunPlan:
-    """Read the data and decide everything about the run that does not need the model."""
+def plan_run(cfg: TrainConfig, db_dir: Path | None, torch_threads: int, process_threads: int | None = None) -> RunPlan:
+    """Read the data and decide everything about the run that does not need the model.
+
+    ``process_threads``: the caller's torch threads, which the norm tracker takes when it tracks
+    :data:`PARALLEL_TRACKED_POINTS` or more points (default: ``torch_threads``)."""
     run_id = cfg.run
     ds = load_data(cfg)
     n_all = ds.n_train
@@ -502,8 +505,11 @@ def plan_run(cfg: TrainConfig, db_dir: Path | None, torch_threads: int, tracker_
     # with a subset, the non-members among the selection are evaluated (not tracked): memorization needs them
     selection = track_ids if cfg.subset_ratio is None else tracked_points(cfg.track, np.arange(n_all), n_all)
     eval_ids = np.union1d(track_ids, selection)
-    if tracker_threads is None or len(track_ids) < PARALLEL_TRACKED_POINTS:
-        tracker_threads = torch_threads
+    # The tracker runs one forward and backward over every tracked point: with that many, its
+    # ops are large enough to split even where the model steps on one thread (logreg, mlp).
+    # Fixed per run, never timed, so a seed gives the same norms and updates on a machine.
+    many = len(track_ids) >= PARALLEL_TRACKED_POINTS
+    tracker_threads = (cfg.threads or max(torch_threads, process_threads or 0)) if many else torch_threads
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else (db_dir or Path(".")) / "runs" / run_id
     Recorder.make_folders(run_dir)
@@ -574,14 +580,9 @@ def train(cfg: TrainConfig, sink: Sink, *, resume: bool = False, db_dir: Path | 
     # Small models run fastest single-threaded: their ops are too small to split, and
     # idle OpenMP threads spin on a busy machine (200 ms instead of 5 ms a step, measured).
     torch_threads = cfg.threads or (1 if cfg.model in ("logreg", "mlp") else previous_threads)
-    # The norm tracker runs one forward and backward over every tracked point: with
-    # PARALLEL_TRACKED_POINTS or more its ops are large enough to split even on those models
-    # (mlp, 1,437 digits: 6.0 -> 4.9 ms a step on 2 cores), so it takes the process's threads.
-    # Fixed per run, never timed, so a seed gives the same norms and updates on a machine.
-    tracker_threads = cfg.threads or max(torch_threads, previous_threads)
     torch.set_num_threads(torch_threads)
     try:
-        return _run(plan_run(cfg, db_dir, torch_threads, tracker_threads), sink, resume, on_progress)
+        return _run(plan_run(cfg, db_dir, torch_threads, previous_threads), sink, resume, on_progress)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -483,15 +483,13 @@ def test_database_file_flushed_before_commit(tmp_path, db, cli, monkeypatch, fas
     a flush that fails changes nothing: every row is stored, once."""
     import os
 
-    from dpledger.ingest import load
-
     flushed = []
 
     def fsync(fd):
         flushed.append(os.fstat(fd).st_ino)
         raise OSError(errno.EIO, "flush failed")
 
-    monkeypatch.setattr(load.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     path = _write(tmp_path / "f.parquet", _columns())
     assert cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db).rc == 0
     assert flushed == [os.stat(db).st_ino]
