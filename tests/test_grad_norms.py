@@ -397,6 +397,57 @@ def test_conv_applied_twice(c, size, stride, route, monkeypatch):
     check(model.double(), x.double(), y, rtol=1e-9)
 
 
+class TwiceGroupNorm(nn.Module):
+    """A GroupNorm applied twice (its per-example gradients of both calls add up), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.norm(self.conv(x) + 3.0)))  # an offset: the centred form matters
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("trainable", ["both", "weight", "bias"])
+def test_group_norm_from_saved_statistics_and_recomputed(trainable, monkeypatch):
+    # The fast path reads the mean/rstd the forward saved; the fallback recomputes them. Both must match
+    # the naive loop, and the fast path must actually be the one taken.
+    torch.manual_seed(0)
+    model = TwiceGroupNorm()
+    model.norm.weight.requires_grad_(trainable != "bias")
+    model.norm.bias.requires_grad_(trainable != "weight")
+    x, y = data((2, 6, 6), k=3)
+    taken = []
+    real = grad_norms._group_norm_saved_sq
+    monkeypatch.setattr(grad_norms, "_group_norm_saved_sq", lambda *a: taken.append(1) or real(*a))
+    monkeypatch.setattr(grad_norms, "_GROUP_NORM_CHUNK_BYTES", 1)   # one example a chunk
+    fast = check(model, x, y).norms
+    check(model.double(), x.double(), y, rtol=1e-9)
+    assert len(taken) == 2
+    model.float()
+    monkeypatch.setattr(grad_norms, "_group_norm_stats", lambda *a: None)
+    slow = check(model, x, y).norms
+    assert len(taken) == 2
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("trainable", ["weight", "bias"])
+def test_conv_weight_or_bias_alone(trainable, route, monkeypatch):
+    # The direct CPU routes sum the bias gradient from each chunk; a frozen weight or bias must leave
+    # exactly its own part out.
+    force_route(monkeypatch, route)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 49, 3))
+    getattr(model[0], "bias" if trainable == "weight" else "weight").requires_grad_(False)
+    x, y = data((1, 7, 7), k=3)
+    check(model, x, y)
+    check(model.double(), x.double(), y, rtol=1e-9)
+
+
 def test_inplace_activation_after_a_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
