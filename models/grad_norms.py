@@ -277,13 +277,18 @@ def _conv_direct_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Ten
     out = []
     for s in range(0, b, step):
         gs = [gr[s:s + step] for gr in grads]
-        per = sum(kernel(module, c.args[0][s:s + step], gr) for c, gr in zip(calls, gs))
+        per = kernel(module, calls[0].args[0][s:s + step], gs[0])
+        for c, gr in zip(calls[1:], gs[1:]):   # a module called several times: its gradients add up
+            per += kernel(module, c.args[0][s:s + step], gr)
         if method == "forward":
             part = torch.linalg.vector_norm(per, dim=(0, 2)).to(acc).square()
         else:
             part = _sq(per, acc)
         if with_bias:
-            part += _sq(sum(gr.reshape(gr.shape[0], cout, -1).sum(dim=2) for gr in gs), acc)
+            gb = gs[0].reshape(gs[0].shape[0], cout, -1).sum(dim=2)
+            for gr in gs[1:]:
+                gb += gr.reshape(gr.shape[0], cout, -1).sum(dim=2)
+            part += _sq(gb, acc)
         out.append(part)
     return torch.cat(out)
 
@@ -375,26 +380,25 @@ def _group_norm_saved_sq(module: nn.GroupNorm, calls: list[_Call], grads: list[t
     want_b = module.bias is not None and module.bias.requires_grad
     per_ex = 2 * sum(c.args[0][0].numel() for c in calls) * calls[0].args[0].element_size()
     step = max(1, min(b, _GROUP_NORM_CHUNK_BYTES // max(per_ex, 1)))
-    parts = []
+    # Per-example gradients (B, C) are tiny: filled chunk by chunk, their norms taken once.
+    gw = grads[0].new_zeros(b, ch) if want_w else None
+    gb = grads[0].new_zeros(b, ch) if want_b else None
     for s in range(0, b, step):
         n = min(step, b - s)
-        gw = gb = None
         for c, g in zip(calls, grads):
             x, gs = c.args[0][s:s + step], g[s:s + step]
             if want_w:
                 mean, rstd = (t[s:s + step].to(x.dtype) for t in c.stats)
                 t = (x.reshape(n, groups, -1) - mean.unsqueeze(2)).mul_(gs.reshape(n, groups, -1))
-                t = t.reshape(n, groups, ch // groups, -1).sum(dim=3).mul_(rstd.unsqueeze(2)).reshape(n, ch)
-                gw = t if gw is None else gw + t
+                t = t.reshape(n, groups, ch // groups, -1).sum(dim=3).mul_(rstd.unsqueeze(2))
+                gw[s:s + step] += t.reshape(n, ch)
             if want_b:
-                t = gs.reshape(n, ch, -1).sum(dim=2)
-                gb = t if gb is None else gb + t
-        part = torch.zeros(n, dtype=acc, device=grads[0].device)
-        for t in (gw, gb):
-            if t is not None:
-                part += _sq(t, acc)
-        parts.append(part)
-    return torch.cat(parts)
+                gb[s:s + step] += gs.reshape(n, ch, -1).sum(dim=2)
+    total = torch.zeros(b, dtype=acc, device=grads[0].device)
+    for t in (gw, gb):
+        if t is not None:
+            total += _sq(t, acc)
+    return total
 
 
 def _norm_layer_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Tensor], b: int,
