@@ -41,8 +41,11 @@ are never formed, so ``param.grad`` is untouched. Per layer, with ``A_i`` the
   sharing, recurrence) has its calls concatenated along T: the identity holds
   for the summed gradient.
 * ``nn.GroupNorm`` / ``nn.LayerNorm``: ``∇γ_i = Σ_spatial x̂_i ⊙ g_i`` and
-  ``∇β_i = Σ_spatial g_i`` with x̂ the normalised input (recomputed, ~1 MiB of
-  examples at a time), formed directly: they are as small as the parameters.
+  ``∇β_i = Σ_spatial g_i`` with x̂ the normalised input, formed directly: they
+  are as small as the parameters. GroupNorm takes the per-group mean and 1/std
+  its forward saved for the backward, ``∇γ_i[c] = rstd_{i,k} Σ_s (x − μ_{i,k}) g``;
+  LayerNorm (statistics per position) and a GroupNorm whose statistics cannot be
+  read recompute x̂, ~1 MiB of examples at a time.
 * Any other module with trainable parameters of its own: per-example
   vector-Jacobian products of that module alone, ``vmap(vjp)`` over examples
   with ``torch.func.functional_call`` (a Python loop if vmap cannot trace it).
