@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             ok &= agree
         shape = "x".join(map(str, SHAPES[name]))
         print(f"{name:<8} {f'{pts}x{shape}':>11} {1e3 * med['ours']:9.2f} {1e3 * med['plain']:9.2f} "
-              f"{1e3 * med['ghost']:9.2f} {1e3 * med['persample']:12.2f} {a:10.2f} {b:10.2f}  {verdict:<6}  "
-              f"{best['ours'] / best['plain']:16.2f} {best['ghost'] / best['ours']:10.2f}  "
+              f"{1e3 * med['ghost']:9.2f} {1e3 * med['persample']:12.2f} {a:10.3f} {b:10.2f}  {verdict:<6}  "
+              f"{best['ours'] / best['plain']:16.3f} {best['ghost'] / best['ours']:10.2f}  "
               f"{r['rel_diff']['ghost']:.1e}, {r['rel_diff']['persample']:.1e}")
     print("the (min) columns use each method's fastest call, less sensitive to other load on the machine; "
           "resnet18 has no goal ('-')")
