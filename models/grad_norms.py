@@ -164,6 +164,23 @@ def _sq(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).to(acc).square()
 
 
+def _conv_bias_grad(grads: list[torch.Tensor], cout: int) -> torch.Tensor:
+    """Per-example bias gradients (N, C_out) of a conv: ``Σ_t g_t`` over its calls' output gradients."""
+    gb = grads[0].reshape(grads[0].shape[0], cout, -1).sum(dim=2)
+    for gr in grads[1:]:
+        gb += gr.reshape(gr.shape[0], cout, -1).sum(dim=2)
+    return gb
+
+
+def _sq_sum(parts, b: int, acc: torch.dtype, device) -> torch.Tensor:
+    """Per-row squared L2 norms of the non-None tensors in ``parts``, added up: (b,) in ``acc``."""
+    total = torch.zeros(b, dtype=acc, device=device)
+    for t in parts:
+        if t is not None:
+            total += _sq(t, acc)
+    return total
+
+
 def _use_ghost(t: int, d: int, p: int) -> bool:
     """Ghost norm (T²·(D + P) FLOPs) cheaper than the per-example gradient (T·D·P FLOPs)?"""
     return t * (d + p) < d * p
@@ -288,10 +305,7 @@ def _conv_direct_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Ten
         else:
             part = _sq(per, acc)
         if with_bias:
-            gb = gs[0].reshape(gs[0].shape[0], cout, -1).sum(dim=2)
-            for gr in gs[1:]:
-                gb += gr.reshape(gr.shape[0], cout, -1).sum(dim=2)
-            part += _sq(gb, acc)
+            part += _sq(_conv_bias_grad(gs, cout), acc)
         out.append(part)
     return torch.cat(out)
 
@@ -345,7 +359,7 @@ def _conv_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Tensor], b
                       for c, gr in zip(calls, grads))
             total += _sq(per.reshape(b, -1), acc)
     if bias is not None and bias.requires_grad and not bias_done:
-        total += _sq(sum(gr.reshape(b, cout, -1).sum(dim=2) for gr in grads), acc)
+        total += _sq(_conv_bias_grad(grads, cout), acc)
     return total
 
 
@@ -397,11 +411,7 @@ def _group_norm_saved_sq(module: nn.GroupNorm, calls: list[_Call], grads: list[t
                 gw[s:s + step] += t.reshape(n, ch)
             if want_b:
                 gb[s:s + step] += gs.reshape(n, ch, -1).sum(dim=2)
-    total = torch.zeros(b, dtype=acc, device=grads[0].device)
-    for t in (gw, gb):
-        if t is not None:
-            total += _sq(t, acc)
-    return total
+    return _sq_sum((gw, gb), b, acc, grads[0].device)
 
 
 def _norm_layer_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Tensor], b: int,
@@ -456,11 +466,7 @@ def _norm_layer_sq_chunk(module: nn.Module, calls: list[_Call], grads: list[torc
         if module.bias is not None and module.bias.requires_grad:
             t = g.reshape(shape).sum(dim=red)
             gb = t if gb is None else gb + t
-    total = torch.zeros(b, dtype=acc, device=grads[0].device)
-    for t in (gw, gb):
-        if t is not None:
-            total += _sq(t, acc)
-    return total
+    return _sq_sum((gw, gb), b, acc, grads[0].device)
 
 
 def _generic_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Tensor], b: int,
