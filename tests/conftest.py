@@ -103,4 +103,15 @@ def table_snapshot(db: Path) -> dict:
         con.close()
 
 
-__all__ = ["copy_as_run", "query_rows", "table_snapshot", "shutil"]
+def walk(node):
+    """Every dict inside a JSON-like tree (a Vega-Lite spec), depth first."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+__all__ = ["copy_as_run", "query_rows", "table_snapshot", "walk", "shutil"]

@@ -185,16 +185,23 @@ def _ingest_frame(db, run, df, tmp, **kw):
         con.close()
 
 
+def make_three_shapes(db, tmp) -> pd.DataFrame:
+    """Runs 'dense' (every step), 'uniform' (checkpoints) and 'ragged' (each point its own steps);
+    returns the ragged run's rows."""
+    rng = np.random.default_rng(11)
+    make_run(db, "dense", rng.uniform(0, 1.5, (40, 5)), q=0.02, tmp=tmp)
+    make_run(db, "uniform", rng.uniform(0, 1.5, (6, 5)), q=0.02, record_steps=[0, 4, 9, 15, 22, 30], steps=40,
+             tmp=tmp)
+    ragged = pd.DataFrame({"step": [0, 5, 10, 0, 3, 1, 2], "point_id": [0, 0, 0, 1, 1, 2, 2],
+                           "grad_norm": [0.5, 1.2, 0.1, 0.8, 0.05, 0.3, 0.9]})
+    _ingest_frame(db, "ragged", ragged, tmp, steps=15)
+    return ragged
+
+
 def test_every_run_shape_agrees_with_the_sql_views(db, tmp_path):
     """dense, uniform (checkpoints) and ragged (each point its own steps) runs: the
     streamed fast path equals the pure-SQL view path, and ragged covers hold last per point."""
-    rng = np.random.default_rng(11)
-    make_run(db, "dense", rng.uniform(0, 1.5, (40, 5)), q=0.02, tmp=tmp_path)
-    make_run(db, "uniform", rng.uniform(0, 1.5, (6, 5)), q=0.02, record_steps=[0, 4, 9, 15, 22, 30], steps=40,
-             tmp=tmp_path)
-    ragged = pd.DataFrame({"step": [0, 5, 10, 0, 3, 1, 2], "point_id": [0, 0, 0, 1, 1, 2, 2],
-                           "grad_norm": [0.5, 1.2, 0.1, 0.8, 0.05, 0.3, 0.9]})
-    _ingest_frame(db, "ragged", ragged, tmp_path, steps=15)
+    ragged = make_three_shapes(db, tmp_path)
     run_account(db, ["dense", "uniform", "ragged"])
     con = warehouse.connect(db, read_only=True)
     for run in ("dense", "uniform", "ragged"):

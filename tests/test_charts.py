@@ -19,6 +19,7 @@ import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import walk
 from PIL import Image
 from scipy import stats
 
@@ -106,17 +107,6 @@ def validator():
     from altair.vegalite.v6.schema import load_schema
 
     return jsonschema.Draft7Validator(load_schema())
-
-
-def walk(node):
-    """Every dict inside a spec (depth first)."""
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from walk(v)
 
 
 def units(spec: dict) -> list[dict]:

@@ -4,7 +4,6 @@ Python's coverage rule equals the SQL view's."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from dpledger import warehouse
@@ -13,7 +12,7 @@ from dpledger.warehouse.coverage import coverage, stream
 from dpledger.warehouse.fit_table import run_records
 from dpledger.warehouse.report_frames import cumulative_epsilon
 from dpledger.warehouse.runs import load_run
-from test_accounting import _ingest_frame, eps_table, make_run, run_account
+from test_accounting import eps_table, make_run, make_three_shapes, run_account
 
 Q, SIGMA, T, DELTA = 0.02, 0.9, 120, 1e-5
 
@@ -75,13 +74,7 @@ def test_histogram_and_exact_sum_agree_with_their_definitions():
 
 
 def test_python_coverage_equals_the_sql_view(db, tmp_path):
-    rng = np.random.default_rng(11)
-    make_run(db, "dense", rng.uniform(0, 1.5, (40, 5)), q=0.02, tmp=tmp_path)
-    make_run(db, "uniform", rng.uniform(0, 1.5, (6, 5)), q=0.02, record_steps=[0, 4, 9, 15, 22, 30], steps=40,
-             tmp=tmp_path)
-    ragged = pd.DataFrame({"step": [0, 5, 10, 0, 3, 1, 2], "point_id": [0, 0, 0, 1, 1, 2, 2],
-                           "grad_norm": [0.5, 1.2, 0.1, 0.8, 0.05, 0.3, 0.9]})
-    _ingest_frame(db, "ragged", ragged, tmp_path, steps=15)
+    make_three_shapes(db, tmp_path)
     con = warehouse.connect(db, read_only=True)
     try:
         for name, shape in (("dense", "dense"), ("uniform", "uniform"), ("ragged", "ragged")):

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from conftest import query_rows
+from conftest import query_rows, walk
 
 from dpledger.cli import main
 
@@ -46,16 +46,6 @@ def page_specs(html_path) -> dict[str, dict]:
 def rows(spec: dict, unit: dict) -> list[dict]:
     data = unit.get("data") or spec.get("data")
     return data["values"] if "values" in data else spec["datasets"][data["name"]]
-
-
-def walk(node):
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from walk(v)
 
 
 def marks(spec: dict, kind: str) -> list[dict]:
