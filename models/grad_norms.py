@@ -419,6 +419,60 @@ def _group_norm_saved_sq(module: nn.GroupNorm, calls: list[_Call], grads: list[t
     return _sq_sum((reshape(gw), reshape(gb)), b, acc, grads[0].device)
 
 
+def _per_example_copy(p: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """``p`` repeated for ``b`` examples, a leaf that takes gradients where ``p`` does."""
+    if p is None:
+        return None
+    t = p.detach().repeat(b)
+    return t.requires_grad_() if p.requires_grad else t
+
+
+def _folded_group_norm(module: nn.GroupNorm, leaves: dict, x: torch.Tensor) -> torch.Tensor:
+    r"""``module(x)`` with the batch folded into the channels and per-example copies of γ, β.
+
+    One "example" of B·C channels in B·groups groups is the same normalisation, group by
+    group (the same kernel, the same numbers), and the gradient the backward leaves on the
+    copy of γ at ``i·C + c`` is example i's ``∇γ_i[c] = Σ_s x̂ g``: the GroupNorm backward
+    forms those per-channel sums for the input gradient anyway, so per-example GroupNorm
+    gradients cost no pass of their own. The copies are recorded in ``leaves[module]``.
+    """
+    ch = module.num_channels
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] > 0 and x.shape[1] == ch):
+        return nn.GroupNorm.forward(module, x)  # not the batch-first shape: the handler's routes
+    b = x.shape[0]
+    w, bb = _per_example_copy(module.weight, b), _per_example_copy(module.bias, b)
+    out = F.group_norm(x.reshape(1, b * ch, *x.shape[2:]), b * module.num_groups, w, bb, module.eps)
+    leaves.setdefault(module, []).append((w, bb))
+    return out.reshape(x.shape)
+
+
+@contextmanager
+def _folding_group_norms(modules: list[nn.Module], leaves: dict) -> Iterator[None]:
+    """Run the plain ``nn.GroupNorm``\ s among ``modules`` as :func:`_folded_group_norm` while inside."""
+    patched = []
+    try:
+        for m in modules:
+            if type(m) is nn.GroupNorm and "forward" not in m.__dict__:  # no one else's override
+                m.forward = lambda x, m=m: _folded_group_norm(m, leaves, x)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _folded_sq(module: nn.GroupNorm, grads: list[tuple], b: int, acc: torch.dtype, device) -> torch.Tensor:
+    """Squared norms from the gradients ``(∇γ copy, ∇β copy)`` of each of the module's folded calls."""
+    ch = module.num_channels
+    sums = [None, None]
+    for gs in grads:
+        for k, g in enumerate(gs):
+            if g is not None:
+                g = g.reshape(b, ch)
+                sums[k] = g if sums[k] is None else sums[k] + g
+    return _sq_sum(sums, b, acc, device)
+
+
 def _norm_layer_sq(module: nn.Module, calls: list[_Call], grads: list[torch.Tensor], b: int,
                    acc: torch.dtype) -> torch.Tensor:
     """GroupNorm / LayerNorm, a few examples at a time.
@@ -569,6 +623,7 @@ class GradNormTracker:
         # call, so freezing or unfreezing layers between calls is fine.
         owners = [m for m in self.module.modules() if next(m.parameters(recurse=False), None) is not None]
         self._handles = [m.register_forward_hook(self._record, with_kwargs=True) for m in owners]
+        self._group_norms = [m for m in owners if type(m) is nn.GroupNorm]
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -628,27 +683,38 @@ class GradNormTracker:
         if self._tied_parameters():
             return self._whole_model(x, y, loss_fn, acc)
         self._calls = {}
+        leaves: dict[nn.Module, list[tuple]] = {}  # GroupNorms run folded: their per-example γ, β copies
         try:
             with torch.enable_grad():
                 self._active = True
                 try:
-                    logits = self.module(x)
+                    with _folding_group_norms(self._group_norms, leaves):
+                        logits = self.module(x)
                 finally:
                     self._active = False
                 losses = loss_fn(logits, y)
                 if not self._layerwise_ok(b):
                     self._calls = {}
                     return self._whole_model(x, y, loss_fn, acc)
-                mods = [m for m, cs in self._calls.items() if any(c.edge is not None for c in cs)]
+                # a GroupNorm every call of which ran folded takes its gradients from the copies
+                folded = {m: ls for m, ls in leaves.items() if len(ls) == len(self._calls.get(m, ()))}
+                mods = [m for m, cs in self._calls.items()
+                        if m not in folded and any(c.edge is not None for c in cs)]
                 for m in mods:  # before the backward frees them
                     if type(m) is nn.GroupNorm:
                         for c in self._calls[m]:
                             c.stats = _group_norm_stats(c.edge, b, m.num_groups)
                 edges = [c.edge for m in mods for c in self._calls[m] if c.edge is not None]
-                gs = (torch.autograd.grad(losses.sum(), edges, allow_unused=True)
-                      if edges and losses.requires_grad else (None,) * len(edges))
+                copies = [t for ls in folded.values() for pair in ls for t in pair if t is not None and t.requires_grad]
+                inputs = edges + [get_gradient_edge(t) for t in copies]
+                gs = (torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                      if inputs and losses.requires_grad else (None,) * len(inputs))
             total = torch.zeros(b, dtype=acc, device=x.device)
             with torch.no_grad():
+                by_copy = dict(zip(map(id, copies), gs[len(edges):]))
+                for m, ls in folded.items():
+                    grads = [tuple(None if t is None else by_copy.get(id(t)) for t in pair) for pair in ls]
+                    total += _folded_sq(m, grads, b, acc, x.device)
                 k = 0
                 for m in mods:
                     calls = [c for c in self._calls[m] if c.edge is not None]

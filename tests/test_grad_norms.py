@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import types
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -412,26 +414,61 @@ class TwiceGroupNorm(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+@contextmanager
+def _no_folding(modules, leaves):
+    yield
+
+
 @pytest.mark.parametrize("trainable", ["both", "weight", "bias"])
-def test_group_norm_from_saved_statistics_and_recomputed(trainable, monkeypatch):
-    # The fast path reads the mean/rstd the forward saved; the fallback recomputes them. Both must match
-    # the naive loop, and the fast path must actually be the one taken.
+def test_group_norm_folded_saved_statistics_and_recomputed(trainable, monkeypatch):
+    # Three routes for a GroupNorm: folded into the forward (per-example copies of γ, β), else the
+    # statistics the forward saved, else recomputed. Each must match the naive loop, be the route
+    # actually taken, and agree with the others. The module is called twice: its gradients add up.
     torch.manual_seed(0)
     model = TwiceGroupNorm()
     model.norm.weight.requires_grad_(trainable != "bias")
     model.norm.bias.requires_grad_(trainable != "weight")
     x, y = data((2, 6, 6), k=3)
     taken = []
-    real = grad_norms._group_norm_saved_sq
-    monkeypatch.setattr(grad_norms, "_group_norm_saved_sq", lambda *a: taken.append(1) or real(*a))
-    fast = check(model, x, y).norms
+    for name in ("_folded_sq", "_group_norm_saved_sq"):
+        real = getattr(grad_norms, name)
+        monkeypatch.setattr(grad_norms, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    folded = check(model, x, y).norms
     check(model.double(), x.double(), y, rtol=1e-9)
-    assert len(taken) == 2
+    assert taken == ["_folded_sq"] * 2
+    model.float()
+    monkeypatch.setattr(grad_norms, "_folding_group_norms", _no_folding)
+    saved = check(model, x, y).norms
+    check(model.double(), x.double(), y, rtol=1e-9)
+    assert taken[2:] == ["_group_norm_saved_sq"] * 2
     model.float()
     monkeypatch.setattr(grad_norms, "_group_norm_stats", lambda *a: None)
     slow = check(model, x, y).norms
-    assert len(taken) == 2
-    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=0)
+    assert len(taken) == 4
+    torch.testing.assert_close(folded, saved, rtol=1e-6, atol=0)
+    torch.testing.assert_close(folded, slow, rtol=1e-6, atol=0)
+    assert "forward" not in model.norm.__dict__  # the fold is undone after each call
+
+
+def test_group_norm_with_its_own_forward_override_is_not_folded(monkeypatch):
+    # A GroupNorm whose forward someone else replaced keeps it: the tracker runs it, then uses the
+    # saved-statistics route.
+    torch.manual_seed(0)
+    model = TwiceGroupNorm()
+    seen = []
+
+    def counted(self, x):
+        seen.append(1)
+        return nn.GroupNorm.forward(self, x)
+
+    model.norm.forward = types.MethodType(counted, model.norm)  # bound: a deep copy binds to its copy
+    x, y = data((2, 6, 6), k=3)
+    taken = []
+    real = grad_norms._group_norm_saved_sq
+    monkeypatch.setattr(grad_norms, "_group_norm_saved_sq", lambda *a: taken.append(1) or real(*a))
+    per_example_grad_norms(model, x, y)
+    assert len(seen) == 2 and taken == [1] and "forward" in model.norm.__dict__
+    check(model, x, y)
 
 
 def test_group_norm_far_from_zero_as_precise_as_the_models_own_gradients():
