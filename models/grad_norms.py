@@ -41,11 +41,16 @@ are never formed, so ``param.grad`` is untouched. Per layer, with ``A_i`` the
   sharing, recurrence) has its calls concatenated along T: the identity holds
   for the summed gradient.
 * ``nn.GroupNorm`` / ``nn.LayerNorm``: ``∇γ_i = Σ_spatial x̂_i ⊙ g_i`` and
-  ``∇β_i = Σ_spatial g_i`` with x̂ the normalised input, formed directly: they
-  are as small as the parameters. GroupNorm takes the per-group mean and 1/std
-  its forward saved for the backward, ``∇γ_i[c] = rstd_{i,k} Σ_s (x − μ_{i,k}) g``,
-  from PyTorch's own GroupNorm backward kernel with the batch folded into the
-  channels (one pass, no input gradient);
+  ``∇β_i = Σ_spatial g_i`` with x̂ the normalised input: they are as small as
+  the parameters. A plain ``nn.GroupNorm`` runs, inside the tracker's forward,
+  with the batch folded into the channels (one "example" of B·C channels in
+  B·groups groups: the same normalisation) and per-example copies of γ and β,
+  so the GroupNorm backward, which forms those per-channel sums for the input
+  gradient anyway, leaves each example's ∇γ_i, ∇β_i on the copies: no pass of
+  their own. A GroupNorm subclass, or one whose forward is someone else's
+  override, takes the mean and 1/std its forward saved,
+  ``∇γ_i[c] = rstd_{i,k} Σ_s (x − μ_{i,k}) g``, from PyTorch's backward kernel
+  with the batch folded into the channels (one pass, no input gradient);
   LayerNorm (statistics per position) and a GroupNorm whose statistics cannot be
   read recompute x̂, ~1 MiB of examples at a time.
 * Any other module with trainable parameters of its own: per-example
