@@ -453,7 +453,7 @@ def _folded_group_norm(module: nn.GroupNorm, leaves: dict, x: torch.Tensor) -> t
 
 @contextmanager
 def _folding_group_norms(modules: list[nn.Module], leaves: dict) -> Iterator[None]:
-    """Run the plain ``nn.GroupNorm``\ s among ``modules`` as :func:`_folded_group_norm` while inside."""
+    """Run every plain ``nn.GroupNorm`` among ``modules`` as :func:`_folded_group_norm` while inside."""
     patched = []
     try:
         for m in modules:

@@ -433,7 +433,9 @@ def test_group_norm_folded_saved_statistics_and_recomputed(trainable, monkeypatc
     for name in ("_folded_sq", "_group_norm_saved_sq"):
         real = getattr(grad_norms, name)
         monkeypatch.setattr(grad_norms, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
-    folded = check(model, x, y).norms
+    folded_result = check(model, x, y)
+    folded = folded_result.norms
+    assert torch.equal(folded_result.logits, model(x))  # the folded forward is the same computation
     check(model.double(), x.double(), y, rtol=1e-9)
     assert taken == ["_folded_sq"] * 2
     model.float()
