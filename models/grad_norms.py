@@ -406,7 +406,7 @@ def _group_norm_saved_sq(module: nn.GroupNorm, calls: list[_Call], grads: list[t
     groups, ch = module.num_groups, module.num_channels
     want_w = module.weight is not None and module.weight.requires_grad
     want_b = module.bias is not None and module.bias.requires_grad
-    gw = gb = None
+    pairs = []
     for c, g in zip(calls, grads):
         x = c.args[0]
         mean, rstd = c.stats
@@ -416,12 +416,8 @@ def _group_norm_saved_sq(module: nn.GroupNorm, calls: list[_Call], grads: list[t
         _, w, bb = torch.ops.aten.native_group_norm_backward(
             g.reshape(1, b * ch, hw), x.reshape(1, b * ch, hw), mean.reshape(1, b * groups),
             rstd.reshape(1, b * groups), weight, 1, b * ch, hw, b * groups, [False, want_w, want_b])
-        if want_w:
-            gw = w if gw is None else gw + w
-        if want_b:
-            gb = bb if gb is None else gb + bb
-    reshape = (lambda t: None if t is None else t.reshape(b, ch))
-    return _sq_sum((reshape(gw), reshape(gb)), b, acc, grads[0].device)
+        pairs.append((w if want_w else None, bb if want_b else None))
+    return _affine_sq(pairs, b, ch, acc, grads[0].device)
 
 
 def _per_example_copy(p: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -466,11 +462,11 @@ def _folding_group_norms(modules: list[nn.Module], leaves: dict) -> Iterator[Non
             del m.forward
 
 
-def _folded_sq(module: nn.GroupNorm, grads: list[tuple], b: int, acc: torch.dtype, device) -> torch.Tensor:
-    """Squared norms from the gradients ``(∇γ copy, ∇β copy)`` of each of the module's folded calls."""
-    ch = module.num_channels
+def _affine_sq(pairs: list[tuple], b: int, ch: int, acc: torch.dtype, device) -> torch.Tensor:
+    """Squared norms from a GroupNorm's per-example ``(∇γ, ∇β)`` of each call, each (B·C,) or None
+    (not trainable); a module called several times has its calls' gradients added up."""
     sums = [None, None]
-    for gs in grads:
+    for gs in pairs:
         for k, g in enumerate(gs):
             if g is not None:
                 g = g.reshape(b, ch)
@@ -716,10 +712,10 @@ class GradNormTracker:
                       if inputs and losses.requires_grad else (None,) * len(inputs))
             total = torch.zeros(b, dtype=acc, device=x.device)
             with torch.no_grad():
-                by_copy = dict(zip(map(id, copies), gs[len(edges):]))
+                by_copy = dict(zip(map(id, copies), gs[len(edges):]))  # a frozen copy: no gradient, None
                 for m, ls in folded.items():
-                    grads = [tuple(None if t is None else by_copy.get(id(t)) for t in pair) for pair in ls]
-                    total += _folded_sq(m, grads, b, acc, x.device)
+                    pairs = [tuple(by_copy.get(id(t)) for t in pair) for pair in ls]
+                    total += _affine_sq(pairs, b, m.num_channels, acc, x.device)
                 k = 0
                 for m in mods:
                     calls = [c for c in self._calls[m] if c.edge is not None]
