@@ -43,11 +43,11 @@ from dpledger.analysis.validate import ParameterError, in_range, whole
 from dpledger.warehouse.sqlutil import append_arrow, first
 
 from . import load
+from .digest import file_digest
 from .steps_file import MAX_STEPS, check_run_parameters
 from .readers import (
     Source,
     bool_column,
-    file_sha256,
     float_column,
     int_column,
     read_table,
@@ -89,7 +89,7 @@ class ParsedRun:
 @dataclass
 class ParsedFile:
     source: Source
-    sha256: str
+    digest: str  # the ledger's (digest.file_digest)
     target: str
     runs: list[dict] = field(default_factory=list)
     points: pa.Table | None = None
@@ -177,7 +177,7 @@ def parse(path: str | Path, run: str | None = None, delta: float | None = None,
         raise src.error("the file has a header but no rows")
     require_columns(table, src, REQUIRED)
     n = table.num_rows
-    parsed = ParsedFile(src, file_sha256(src.path), target=run or "")
+    parsed = ParsedFile(src, file_digest(src.path), target=run or "")
 
     # run of every row
     if run is not None:
@@ -315,7 +315,7 @@ def write(con, parsed: ParsedFile) -> dict:
     """Load one parsed file in one transaction; a file ingested before is a no-op."""
     src = parsed.source
     with load.write_transaction(con):
-        seen = load.find_ingest(con, parsed.sha256, KIND, parsed.target)
+        seen = load.find_ingest(con, parsed.digest, KIND, parsed.target, src.path)
         if seen is not None:
             return load.skipped_result(src.path, seen)
         for r in parsed.runs:
@@ -332,7 +332,7 @@ def write(con, parsed: ParsedFile) -> dict:
             last = first(con.execute("SELECT max(step) FROM point_steps WHERE run_id = ?", [r["run_id"]]))[0]
             load.extend_run_steps(con, r["run_id"], last)
         run_ids = [r["run_id"] for r in parsed.runs]
-        load.record_ingest(con, parsed.sha256, KIND, parsed.target, str(src.path), rows, run_ids)
+        load.record_ingest(con, parsed.digest, KIND, parsed.target, str(src.path), rows, run_ids)
     return {"path": str(src.path), "status": "ingested", "rows": rows, "runs": run_ids}
 
 

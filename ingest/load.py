@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import duckdb
@@ -23,6 +24,7 @@ from dpledger.warehouse.runs import remember_epsilon
 from dpledger.warehouse.sqlutil import append_arrow, first, scalar, transaction
 
 from .atomic import fsync_path
+from .digest import LEGACY_ALGORITHM, legacy_digest
 from .readers import Source
 
 # Run parameters that identify a run: a second file for the same run must agree.
@@ -104,11 +106,17 @@ def skipped_result(path, seen: dict) -> dict:
             "rows": 0, "runs": seen["run_ids"]}
 
 
-def find_ingest(con: duckdb.DuckDBPyConnection, sha256: str, kind: str, target: str) -> dict | None:
-    row = first(con.execute(
-        "SELECT path, rows, run_ids, ingested_at FROM ingests WHERE sha256 = ? AND kind = ? AND target = ?",
-        [sha256, kind, target],
-    ))
+def find_ingest(con: duckdb.DuckDBPyConnection, digest: str, kind: str, target: str, path: Path | str) -> dict | None:
+    """The ledger row of the file at ``path``, whose :func:`digest.file_digest` is ``digest``,
+    ingested before as (kind, target); None if it was not. A ledger of an older dpledger
+    holds SHA-256 digests: only when it has one for (kind, target) is the file's own
+    SHA-256 computed, so a file ingested then is still a no-op now."""
+    query = "SELECT path, rows, run_ids, ingested_at FROM ingests WHERE digest = ? AND kind = ? AND target = ?"
+    row = first(con.execute(query, [digest, kind, target]))
+    if row is None and scalar(con.execute(
+            "SELECT count(*) FROM ingests WHERE kind = ? AND target = ? AND starts_with(digest, ?)",
+            [kind, target, f"{LEGACY_ALGORITHM}:"])):
+        row = first(con.execute(query, [legacy_digest(path), kind, target]))
     if row is None:
         return None
     return {"path": row[0], "rows": row[1], "run_ids": row[2], "ingested_at": str(row[3])}
@@ -122,11 +130,11 @@ def ingested_with_rows(con: duckdb.DuckDBPyConnection, kind: str, target: str, r
 
 
 def record_ingest(
-    con: duckdb.DuckDBPyConnection, sha256: str, kind: str, target: str, path: str, rows: int, run_ids: list[str]
+    con: duckdb.DuckDBPyConnection, digest: str, kind: str, target: str, path: str, rows: int, run_ids: list[str]
 ) -> None:
     con.execute(
-        "INSERT INTO ingests (sha256, kind, target, path, rows, run_ids) VALUES (?, ?, ?, ?, ?, ?)",
-        [sha256, kind, target, path, rows, sorted(run_ids)],
+        "INSERT INTO ingests (digest, kind, target, path, rows, run_ids) VALUES (?, ?, ?, ?, ?, ?)",
+        [digest, kind, target, path, rows, sorted(run_ids)],
     )
 
 

@@ -21,7 +21,8 @@ from dpledger.models.datasets import DatasetError, npz_arrays
 from dpledger.warehouse.errors import UserError
 
 from . import load
-from .readers import MAX_INDEX, file_sha256
+from .digest import file_digest
+from .readers import MAX_INDEX
 
 KIND = "memorization"
 #: Largest array read from the file (tr_mem, tr_labels), checked from the zip directory and
@@ -78,9 +79,9 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
         raise UserError(f"{path}: tr_labels has {labels.shape[0]} entries but tr_mem {mem.shape[0]}")
     ids = _index(Path(index), len(mem)) if index is not None else np.arange(len(mem), dtype=np.int64)
     source = source or path.stem
-    sha = file_sha256(path)
+    digest = file_digest(path)
     with load.write_transaction(con):
-        seen = load.find_ingest(con, sha, KIND, f"{dataset}:{source}")
+        seen = load.find_ingest(con, digest, KIND, f"{dataset}:{source}", path)
         if seen is not None:
             return {"path": str(path), "status": "skipped", "reason": f"already ingested on {seen['ingested_at']}",
                     "rows": 0, "dataset": dataset}
@@ -98,5 +99,5 @@ def ingest_memorization(con, path: str | Path, dataset: str, index: str | Path |
         rows = pa.table({"dataset": pa.array([dataset] * len(ids), pa.string()), "point_id": ids,
                          "score": mem, "source": pa.array([source] * len(ids), pa.string())})
         load.append_rows(con, "memorization", rows)
-        load.record_ingest(con, sha, KIND, f"{dataset}:{source}", str(path), len(ids), [])
+        load.record_ingest(con, digest, KIND, f"{dataset}:{source}", str(path), len(ids), [])
     return {"path": str(path), "status": "ingested", "rows": int(len(ids)), "dataset": dataset, "source": source}

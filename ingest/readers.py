@@ -17,10 +17,6 @@ that holds it as a float64 (CSV values like ``200.0``, JSON, pandas, SQL average
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,86 +36,6 @@ MAX_INDEX = 2**53 - 1
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-_HASH_BLOCK = 1 << 20
-
-
-def _hash_rest(h, f) -> None:
-    """Feed the rest of the open file ``f`` to the hash ``h``, a block at a time."""
-    for block in iter(lambda: f.read(_HASH_BLOCK), b""):
-        h.update(block)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        _hash_rest(h, f)
-    return h.hexdigest()
-
-
-#: Nice value of the thread that hashes a file while DuckDB loads it (Linux; see BackgroundSha256).
-HASH_THREAD_NICE = 19
-
-
-class BackgroundSha256:
-    """The sha256 of a file, begun on a low-priority thread and finished by :meth:`result`.
-
-    While DuckDB loads a file its threads keep every core busy; a hash competing with them
-    at equal priority only stretches the load. At the lowest priority (Linux: the thread's
-    own nice value, ``HASH_THREAD_NICE``) it takes the cycles the load leaves idle, and the
-    rest once the load is done, beside the commit's disk flush. :meth:`result` stops the
-    thread at a block boundary and hashes what is left itself, at the caller's priority,
-    so a busy machine cannot starve it. Elsewhere the thread runs at normal priority.
-    """
-
-    def __init__(self, path: Path):
-        self._file = open(path, "rb")
-        self._hash = hashlib.sha256()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._eof = False
-        self._thread = threading.Thread(target=self._run, name="dpledger-sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        if sys.platform.startswith("linux"):  # there a thread id names that thread alone
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
-            except OSError:
-                pass
-        try:
-            while not self._stop.is_set():
-                block = self._file.read(_HASH_BLOCK)
-                if not block:
-                    self._eof = True
-                    return
-                self._hash.update(block)
-        except BaseException as exc:  # handed to result()
-            self._error = exc
-
-    def result(self) -> str:
-        """The file's sha256 (hex); raises what reading it raised."""
-        self._halt()
-        try:
-            if self._error is not None:
-                raise self._error
-            if not self._eof:
-                _hash_rest(self._hash, self._file)
-                self._eof = True
-            return self._hash.hexdigest()
-        finally:
-            self._file.close()
-
-    def close(self) -> None:
-        """Stop hashing and close the file (when the result is not wanted after all)."""
-        self._halt()
-        self._file.close()
-
-    def _halt(self) -> None:
-        """Stop the thread at a block boundary (the hash and the file are then the caller's)."""
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ symlink) leading out of the run's folder is refused with one line.
 Every listed file is read and checked before anything is written, and the whole
 merge is one transaction: a missing, truncated or wrong-schema shard is named in a
 one-line error and the database is left as it was. Shards merged before (same
-sha256) are skipped, so merging twice changes nothing.
+content digest, :mod:`.digest`) are skipped, so merging twice changes nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dpledger.warehouse.lake import listed_files, run_file
 from dpledger.warehouse.sqlutil import append_arrow, transaction
 
 from . import load
-from .readers import Source, bool_column, file_sha256, float_column, int_column
+from .digest import file_digest
+from .readers import Source, bool_column, float_column, int_column
 
 # the columns a shard of each table must have: the table's NOT NULL columns but run_id
 # (tests/test_lake_safety.py checks them against the schema)
@@ -142,8 +143,8 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
             paths: dict[str, list[Path]] = {}
             skipped = 0
             for f in item["files"]:
-                sha = file_sha256(f["path"])
-                if load.find_ingest(con, sha, f"{KIND}:{f['table']}", run_id) is not None:
+                digest = file_digest(f["path"])
+                if load.find_ingest(con, digest, f"{KIND}:{f['table']}", run_id, f["path"]) is not None:
                     skipped += 1
                     continue
                 rows = f["rows"]
@@ -152,7 +153,7 @@ def ingest_shards(con, lake: str | Path) -> list[dict]:
                 rows = rows.add_column(0, "run_id", pa.array([run_id] * rows.num_rows, pa.string()))
                 new.setdefault(f["table"], []).append(rows)
                 paths.setdefault(f["table"], []).append(f["path"])
-                load.record_ingest(con, sha, f"{KIND}:{f['table']}", run_id, str(f["path"]), rows.num_rows, [run_id])
+                load.record_ingest(con, digest, f"{KIND}:{f['table']}", run_id, str(f["path"]), rows.num_rows, [run_id])
             counts = {}
             for table, parts in new.items():
                 merged = pa.concat_tables(parts, promote_options="default")

@@ -28,12 +28,11 @@ from dpledger.warehouse.runs import prepare_epsilon
 from dpledger.warehouse.sqlutil import first, scalar
 
 from . import load
+from .digest import BackgroundDigest, file_digest
 from .readers import (
     MAX_INDEX,
-    BackgroundSha256,
     Source,
     bool_column,
-    file_sha256,
     float_column,
     int_column,
     parquet_int_range,
@@ -384,29 +383,29 @@ def _ingest_parquet(con, plan: _Plan, run: str, p: dict) -> dict:
             # A file ingested before has the same number of rows: only then is the hash needed
             # before the load (a no-op); otherwise it is computed alongside, at low priority
             if load.ingested_with_rows(con, KIND, run, plan.rows):
-                sha = file_sha256(path)
-                seen = load.find_ingest(con, sha, KIND, run)
+                digest = file_digest(path)
+                seen = load.find_ingest(con, digest, KIND, run, path)
                 if seen is not None:
                     if p["steps"] is not None or "clip" in plan.params:
                         raise _Recheck("the careful path checks the rows against --steps before the ledger")
                     return load.skipped_result(path, seen)
             else:
-                sha, hasher = None, _start_hash(path)
-            return _load_parquet(con, pool, plan, run, p, sha, hasher, database)
+                digest, hasher = None, _start_hash(path)
+            return _load_parquet(con, pool, plan, run, p, digest, hasher, database)
         finally:
             if hasher is not None:
                 hasher.close()
 
 
-def _start_hash(path: Path) -> BackgroundSha256:
+def _start_hash(path: Path) -> BackgroundDigest:
     try:
-        return BackgroundSha256(path)
+        return BackgroundDigest(path)
     except OSError as exc:  # unreadable: the careful path says so
         raise _Recheck(str(exc)) from exc
 
 
-def _load_parquet(con, pool: ThreadPoolExecutor, plan: _Plan, run: str, p: dict, sha: str | None,
-                  hasher: BackgroundSha256 | None, database: str) -> dict:
+def _load_parquet(con, pool: ThreadPoolExecutor, plan: _Plan, run: str, p: dict, digest: str | None,
+                  hasher: BackgroundDigest | None, database: str) -> dict:
     path = plan.path
     if plan.grid is not None:  # the keys are proven distinct by the load itself
         s0, s1, p0, width = plan.grid
@@ -448,12 +447,12 @@ def _load_parquet(con, pool: ThreadPoolExecutor, plan: _Plan, run: str, p: dict,
             "point_id": keys.point_ids,
             "split": pa.array(["train"] * len(keys.point_ids), pa.string()),
         }))
-    if sha is None:
+    if digest is None:
         try:
-            sha = hasher.result()
+            digest = hasher.result()
         except OSError as exc:
             raise _Recheck(str(exc)) from exc
-    load.record_ingest(con, sha, KIND, run, str(path), n, [run])
+    load.record_ingest(con, digest, KIND, run, str(path), n, [run])
     if flushed is not None:
         flushed.result()
     return {"path": str(path), "status": "ingested", "rows": n, "runs": [run]}
@@ -467,9 +466,9 @@ def _ingest_arrow(con, path: str | Path, run: str, p: dict, norms_clipped: bool)
     max_grad_norm, steps, dataset = p["max_grad_norm"], p["steps"], p["dataset"]
     # hash the file on a thread while Arrow parses it (both release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        sha_future = pool.submit(file_sha256, Path(path)) if Path(path).is_file() else None
+        digest_future = pool.submit(file_digest, Path(path)) if Path(path).is_file() else None
         rows, src = parse(path, run, norms_clipped)
-        sha = sha_future.result()
+        digest = digest_future.result()
     if norms_clipped and max_grad_norm is not None:
         over = np.flatnonzero(rows.column("grad_norm").to_numpy() > max_grad_norm * (1 + 1e-4))
         if over.size:
@@ -491,7 +490,7 @@ def _ingest_arrow(con, path: str | Path, run: str, p: dict, norms_clipped: bool)
                 ("steps",),
             )
     with load.write_transaction(con):
-        seen = load.find_ingest(con, sha, KIND, run)
+        seen = load.find_ingest(con, digest, KIND, run, src.path)
         if seen is not None:
             return load.skipped_result(src.path, seen)
         stored = load.get_run(con, run)
@@ -511,5 +510,5 @@ def _ingest_arrow(con, path: str | Path, run: str, p: dict, norms_clipped: bool)
         n = load.insert_facts(con, "point_steps", rows, src)
         last = first(con.execute("SELECT max(step) FROM point_steps WHERE run_id = ?", [run]))[0]
         load.extend_run_steps(con, run, last)
-        load.record_ingest(con, sha, KIND, run, str(src.path), n, [run])
+        load.record_ingest(con, digest, KIND, run, str(src.path), n, [run])
     return {"path": str(src.path), "status": "ingested", "rows": n, "runs": [run]}

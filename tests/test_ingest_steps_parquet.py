@@ -7,9 +7,9 @@ file or against stored rows) is refused; re-ingesting a file is a no-op."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import re
 
+import blake3
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -88,9 +88,9 @@ def test_a_parquet_file_lands_row_for_row_on_the_fast_path(fast_only, good_db, t
                        "FROM runs WHERE run_id = 'new'") == [(0.01, 1.1, 1.0, 1e-5, N_STEPS, "toy", "steps")]
     assert _q(good_db, "SELECT list(point_id ORDER BY point_id) FROM points WHERE dataset = 'toy'") == [
         ([0, 1, 2, 3],)]
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert _q(good_db, "SELECT sha256, kind, target, path, rows, run_ids FROM ingests WHERE target = 'new'") == [
-        (sha, "steps", "new", str(path), 12, ["new"])]
+    digest = "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
+    assert _q(good_db, "SELECT digest, kind, target, path, rows, run_ids FROM ingests WHERE target = 'new'") == [
+        (digest, "steps", "new", str(path), 12, ["new"])]
 
 
 def test_narrow_types_and_optional_columns(fast_only, db, tmp_path, cli):
@@ -386,27 +386,27 @@ def test_an_interrupt_during_the_load_leaves_nothing(good_db, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, 5 * (1 << 20) + 17])
-def test_background_sha256_equals_hashlib(tmp_path, size):
-    """The low-priority hash, whatever the point where result() takes it over, is the file's sha256."""
-    from dpledger.ingest import readers
+def test_background_digest_equals_blake3(tmp_path, size):
+    """The low-priority hash, whatever the point where result() takes it over, is the file's BLAKE3."""
+    from dpledger.ingest import digest
 
     path = tmp_path / "blob"
     path.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
-    want = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert readers.BackgroundSha256(path).result() == want          # taken over at once
-    hasher = readers.BackgroundSha256(path)
+    want = "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
+    assert digest.BackgroundDigest(path).result() == want           # taken over at once
+    hasher = digest.BackgroundDigest(path)
     hasher._thread.join()                                           # hashed wholly on the thread
     assert hasher.result() == want
-    assert readers.file_sha256(path) == want
+    assert digest.file_digest(path) == want
 
 
-def test_background_sha256_stops_and_hands_over(tmp_path, monkeypatch):
+def test_background_digest_stops_and_hands_over(tmp_path, monkeypatch):
     """result() stops the thread at a block boundary and hashes the rest itself: a thread that
     never gets the CPU (here: one held at its first read) cannot hold the ingest up."""
     import builtins
     import threading
 
-    from dpledger.ingest import readers
+    from dpledger.ingest import digest
 
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * 40_000)  # ~10 blocks of 1 MiB
@@ -417,7 +417,7 @@ def test_background_sha256_stops_and_hands_over(tmp_path, monkeypatch):
             self.f = f
 
         def read(self, n):
-            if threading.current_thread().name == "dpledger-sha256":
+            if threading.current_thread().name == "dpledger-digest":
                 thread_reads.append(n)
                 gate.wait(10)
             return self.f.read(n)
@@ -425,57 +425,57 @@ def test_background_sha256_stops_and_hands_over(tmp_path, monkeypatch):
         def close(self):
             self.f.close()
 
-    monkeypatch.setattr(readers, "open", lambda p, mode: HeldFile(builtins.open(p, mode)), raising=False)
-    hasher = readers.BackgroundSha256(path)
+    monkeypatch.setattr(digest, "open", lambda p, mode: HeldFile(builtins.open(p, mode)), raising=False)
+    hasher = digest.BackgroundDigest(path)
     threading.Timer(0.2, gate.set).start()
-    assert hasher.result() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hasher.result() == "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
     assert len(thread_reads) == 1  # the thread read one block, then stopped: the caller hashed the rest
 
 
-def test_background_sha256_thread_priority(tmp_path, monkeypatch):
+def test_background_digest_thread_priority(tmp_path, monkeypatch):
     """On Linux the hashing thread lowers its own priority, and only its own."""
     import os
     import sys
     import threading
 
-    from dpledger.ingest import readers
+    from dpledger.ingest import digest
 
     if not sys.platform.startswith("linux"):
         pytest.skip("per-thread priorities are Linux's")
     seen = {}
-    real_run = readers.BackgroundSha256._run
+    real_run = digest.BackgroundDigest._run
 
     def spy(self):
         real_run(self)
         seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    monkeypatch.setattr(readers.BackgroundSha256, "_run", spy)
+    monkeypatch.setattr(digest.BackgroundDigest, "_run", spy)
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 1000)
-    readers.BackgroundSha256(path).result()
-    assert seen["thread"] == max(before, readers.HASH_THREAD_NICE)
+    digest.BackgroundDigest(path).result()
+    assert seen["thread"] == max(before, digest.HASH_THREAD_NICE)
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
 
 
 def test_hash_read_error_falls_back_to_the_careful_path(tmp_path, db, cli, monkeypatch):
     """A read error of the hashing thread rolls the fast path back; the careful path hashes
     the file itself and ingests it once, completely."""
-    from dpledger.ingest import readers, steps_file
+    from dpledger.ingest import digest, steps_file
 
     def broken(self):
         self._error = OSError(errno.EIO, "Input/output error")
 
     careful = []
     real_arrow = steps_file._ingest_arrow
-    monkeypatch.setattr(readers.BackgroundSha256, "_run", broken)
+    monkeypatch.setattr(digest.BackgroundDigest, "_run", broken)
     monkeypatch.setattr(steps_file, "_ingest_arrow", lambda *a, **k: careful.append(1) or real_arrow(*a, **k))
     path = _write(tmp_path / "f.parquet", _columns())
     res = cli("ingest", "steps", path, "--run", "r", *RUN, "--db", db)
     assert res.rc == 0, res.output
     assert careful == [1]
     assert _q(db, "SELECT count(*) FROM point_steps") == [(N_STEPS * N_POINTS,)]
-    assert _q(db, "SELECT sha256 FROM ingests") == [(hashlib.sha256(path.read_bytes()).hexdigest(),)]
+    assert _q(db, "SELECT digest FROM ingests") == [("blake3:" + blake3.blake3(path.read_bytes()).hexdigest(),)]
 
 
 def test_database_file_flushed_before_commit(tmp_path, db, cli, monkeypatch, fast_only):
