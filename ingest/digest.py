@@ -5,7 +5,7 @@ Wilcox-O'Hearn, *BLAKE3: one function, fast everywhere*, 2020; check one by hand
 ``b3sum FILE``). BLAKE3 is a cryptographic hash, so two different files never share a
 digest in practice, and a re-ingest of the same bytes is found whatever the file is
 called now. It replaced SHA-256 (migration ``007_ingest_digest``) because on one core
-it hashes about three times faster with AVX2/AVX-512 (``bench/ingest.py`` prints both):
+it hashes about 2.6 times faster with AVX2/AVX-512 (``bench/ingest.py`` prints both):
 next to a DuckDB load that keeps every core busy, SHA-256 cost as much as the whole of
 ``ingest steps``' checks and bookkeeping together.
 
