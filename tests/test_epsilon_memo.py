@@ -109,9 +109,10 @@ def test_changed_steps_are_remembered_too(db, tmp_path, cli):
 
 def test_a_database_from_before_the_memo_gets_it_filled_on_upgrade(db, tmp_path):
     ingest(db, tmp_path)
-    con = duckdb.connect(str(db))  # back to schema 5: no memo table
+    con = duckdb.connect(str(db))  # back to schema 5: no memo table, the ledger's column as 5 named it
     con.execute("DROP TABLE dp_epsilon_memo")
-    con.execute("DELETE FROM schema_version WHERE version = 6")
+    con.execute("ALTER TABLE ingests RENAME COLUMN digest TO sha256")
+    con.execute("DELETE FROM schema_version WHERE version >= 6")
     con.close()
     with pytest.raises(warehouse.UserError, match="schema version 5"):
         warehouse.connect(db, read_only=True)
