@@ -45,20 +45,24 @@ def _new_hash():
     return blake3.blake3()  # one thread: the caller decides what runs beside it
 
 
-def file_digest(path: Path | str) -> str:
-    """The file's ledger digest, ``"blake3:<64 hex digits>"``."""
-    h = _new_hash()
+def _tagged(algorithm: str, h) -> str:
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def _file_hash(path: Path | str, h, algorithm: str) -> str:
     with open(path, "rb") as f:
         _hash_rest(h, f)
-    return f"{ALGORITHM}:{h.hexdigest()}"
+    return _tagged(algorithm, h)
+
+
+def file_digest(path: Path | str) -> str:
+    """The file's ledger digest, ``"blake3:<64 hex digits>"``."""
+    return _file_hash(path, _new_hash(), ALGORITHM)
 
 
 def legacy_digest(path: Path | str) -> str:
     """The file's digest as ledgers before migration 007 recorded it, ``"sha256:<hex>"``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        _hash_rest(h, f)
-    return f"{LEGACY_ALGORITHM}:{h.hexdigest()}"
+    return _file_hash(path, hashlib.sha256(), LEGACY_ALGORITHM)
 
 
 class BackgroundDigest:
@@ -106,7 +110,7 @@ class BackgroundDigest:
             if not self._eof:
                 _hash_rest(self._hash, self._file)
                 self._eof = True
-            return f"{ALGORITHM}:{self._hash.hexdigest()}"
+            return _tagged(ALGORITHM, self._hash)
         finally:
             self._file.close()
 
